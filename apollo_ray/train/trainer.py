@@ -1,0 +1,140 @@
+"""``apollo-ray train``: the driver. Builds the inputs (base → Post-MoE init, mixture rows), then a TorchTrainer whose
+workers run ``loop.train_loop_per_worker``; exports the final model to ``models/<run>/`` and MLflow.
+
+Fault tolerance: checkpoints go to ``<root>/checkpoints/<run_name>/`` through ``ray.train.report``; a dead worker
+restarts the group from the latest one (FailureConfig), and rerunning the same command (same ``train.run_name``)
+resumes the run from its latest checkpoint — Ray Train V2 keeps the checkpoint manager's state there.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+
+from apollo_ray import config as config_mod
+from apollo_ray.config import Config, fingerprint
+from apollo_ray.model import plan as plan_mod
+from apollo_ray.model.tiny import ensure_base
+from apollo_ray.runtime import init_ray
+from apollo_ray.storage import Manifest, Storage
+from apollo_ray.tracking import Tracker
+from apollo_ray.train import dataset
+from apollo_ray.train.loop import HF_DIR, train_loop_per_worker
+
+log = logging.getLogger(__name__)
+
+
+def initial_model(cfg: Config, storage: Storage) -> str:
+    """The weights training starts from, in storage: the dense base upcycled into Post-MoE (or kept dense)."""
+    from apollo_ray.model.upcycle import upcycle_checkpoint
+
+    base = ensure_base(cfg, storage)
+    moe = cfg.moe.model_dump(exclude={"ep_size"})
+    uri = cfg.uri("models", f"init-{fingerprint(cfg.model.base, cfg.model.arch and cfg.model.arch.model_dump(), moe, cfg.languages.include, cfg.train.seed)}")
+    if not storage.exists(f"{uri}/config.json"):
+        with tempfile.TemporaryDirectory() as tmp:
+            upcycle_checkpoint(base, tmp, cfg)
+            cfg_bytes = (Path(tmp) / "config.json").read_bytes()
+            (Path(tmp) / "config.json").unlink()
+            storage.put_dir(tmp, uri)
+            storage.write_bytes(f"{uri}/config.json", cfg_bytes)  # last: marks the folder complete
+    return uri
+
+
+def _local(storage: Storage, uri: str) -> str:
+    return str(storage.get_dir(uri, tempfile.mkdtemp(prefix="apollo-model-")))
+
+
+def run(cfg: Config, qa: str | None = None) -> str:
+    """Train; return the exported model's URI (``models/<run_name>/``)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    init_ray()
+    storage = Storage.from_config(cfg)
+    if qa is None:
+        from apollo_ray.data import rewrite
+
+        qa = rewrite.run(cfg)
+    init_uri = initial_model(cfg, storage)
+    init_local = _local(storage, init_uri)
+    mixture = dataset.build(cfg, storage, qa, init_local)
+    mix = storage.read_manifest(mixture)
+    out_uri = cfg.uri("models", cfg.train.run_name)
+    p = plan_mod.plan(cfg)
+    tracker = Tracker(cfg)
+    with tracker.stage("train", inputs={"mixture": mix.hash, "qa": storage.read_manifest(qa).hash},
+                       output=out_uri, section={"train": cfg.train.model_dump(mode="json"),
+                                                "moe": cfg.moe.model_dump(mode="json")}) as run_:
+        run_.log_metrics({"mixture/fill": mix.extra["fill"], "mixture/train_rows": mix.extra["train_rows"],
+                          "mixture/train_tokens": mix.extra["train_tokens"]})
+        t = cfg.train
+        loop_config = {
+            "init_model": init_local if "://" not in cfg.storage.root else init_uri, "mixture": mixture,
+            "storage_root": cfg.storage.root, "endpoint_url": cfg.storage.endpoint_url,
+            "languages": mix.extra["languages"], "kinds": mix.extra["kinds"],
+            "micro_batch_size": t.micro_batch_size, "grad_accum": t.grad_accum, "lr": t.lr, "betas": list(t.betas),
+            "weight_decay": t.weight_decay, "warmup_ratio": t.warmup_ratio, "min_lr_ratio": t.min_lr_ratio,
+            "grad_clip": t.grad_clip, "zero_stage": t.zero_stage, "precision": t.precision, "seed": t.seed,
+            "max_steps": t.max_steps, "checkpoint_every": t.checkpoint_every, "eval_every": t.eval_every,
+            "log_every": t.log_every, "ep_size": cfg.moe.ep_size if cfg.moe.layers else 1,
+            "flops_per_token": p.flops_per_token,
+            "tracking_uri": tracker.uri if tracker.enabled else None, "mlflow_run_id": run_.run_id,
+        }
+        r = cfg.resources
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config=loop_config,
+            scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu,
+                                         resources_per_worker={"CPU": r.cpus_per_worker,
+                                                               **({"GPU": r.gpus_per_worker} if r.use_gpu else {})}),
+            run_config=RunConfig(
+                name=t.run_name, storage_path=cfg.uri("checkpoints"),
+                storage_filesystem=_pyarrow_fs(cfg),
+                checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
+                failure_config=FailureConfig(max_failures=t.max_failures)),
+        )
+        result = trainer.fit()
+        if result.error:
+            raise result.error
+        ckpt = result.checkpoint
+        with ckpt.as_directory() as d:
+            hf = Path(d) / HF_DIR
+            if not hf.exists():
+                raise RuntimeError(f"the final checkpoint {ckpt.path} holds no exported model ({HF_DIR}/)")
+            tok_src = Path(init_local)
+            for f in tok_src.iterdir():
+                if f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges", "chat_template")):
+                    (hf / f.name).write_bytes(f.read_bytes())
+            storage.put_dir(hf, out_uri)
+            run_.log_artifacts(hf, "model")
+        metrics = result.metrics or {}
+        run_.log_metrics({f"final/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
+        storage.write_manifest(out_uri, Manifest(
+            stage="train", fingerprint=cfg.train.run_name, inputs={"mixture": mix.hash},
+            config={"train": cfg.train.model_dump(mode="json"), "moe": cfg.moe.model_dump(mode="json"),
+                    "model": cfg.model.model_dump(mode="json")},
+            extra={"checkpoint": ckpt.path, "metrics": {k: v for k, v in metrics.items()
+                                                        if isinstance(v, (int, float, str))},
+                   "mlflow_run_id": run_.run_id}))
+    log.info("train: model exported to %s", out_uri)
+    return out_uri
+
+
+def _pyarrow_fs(cfg: Config):
+    """Ray Train persists through pyarrow; give it the S3 endpoint of our storage (None = infer from the URI)."""
+    if not cfg.storage.root.startswith("s3://"):
+        return None
+    import os
+
+    import pyarrow.fs as pafs
+
+    endpoint = cfg.storage.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if not endpoint:
+        return None
+    scheme, host = endpoint.split("://", 1)
+    return pafs.S3FileSystem(endpoint_override=host, scheme=scheme,
+                             access_key=os.environ.get("AWS_ACCESS_KEY_ID"),
+                             secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY"),
+                             region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"))
