@@ -64,7 +64,12 @@ class SourceConfig(Section):
     language: str = Field("auto", description="a registry code, or 'auto' to detect per document")
     text_field: str = "text"
     id_field: str | None = "id"
+    question_field: str = Field("question", description="instruction kinds: the question (else text_field)")
+    answer_field: str = Field("answer", description="instruction kinds: the answer, appended to the question")
+    kind_field: str | None = Field("kind", description="a record's own kind (one of the kinds) overrides `kind`")
+    language_field: str | None = Field("language", description="with language=auto: a record's declared language")
     hf_split: str = "train"
+    hf_data_files: list[str] | None = Field(None, description="data_files for load_dataset (e.g. path='json')")
     priority: float | None = Field(None, gt=0, description="sampler priority; default from data.priorities by kind")
     epochs: int | None = Field(None, ge=1)
 
@@ -107,6 +112,8 @@ class OpenAIBackendConfig(Section):
     qps: float | None = Field(None, gt=0, description="global request rate limit")
     timeout_s: float = Field(60.0, gt=0)
     max_retries: int = Field(6, ge=0)
+    backoff_s: float = Field(1.0, ge=0, description="first retry delay; doubles per attempt, with jitter")
+    max_backoff_s: float = Field(60.0, ge=0, description="cap on one retry delay (also on a server's Retry-After)")
     temperature: float = 0.6
     top_p: float = 0.8
     frequency_penalty: float = 0.6
@@ -123,6 +130,7 @@ class RewriteConfig(Section):
     batch_size: int = Field(16, ge=1)
     openai: OpenAIBackendConfig = Field(default_factory=OpenAIBackendConfig)
     hf_model: str | None = Field(None, description="hub id or path for the hf backend")
+    hf_max_new_tokens: int = Field(512, ge=1, description="generation length of the hf backend")
 
 
 # ------------------------------------------------------------------------------------------------------------ model
@@ -173,6 +181,8 @@ class MoEConfig(Section):
 class TrainConfig(Section):
     run_name: str = "apollo-tiny"
     seq_len: int = Field(512, ge=16)
+    pack_min_split: int = Field(16, ge=0, description="cut a document into a row with at least this much room rather "
+                                                      "than open a new row (0: whole documents only)")
     micro_batch_size: int = Field(2, ge=1, description="packed rows per worker per micro step")
     grad_accum: int = Field(1, ge=1)
     lr: float = Field(1e-3, gt=0)

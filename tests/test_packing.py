@@ -91,6 +91,21 @@ def test_windows_keep_sampler_order(docs: list[Doc]):
     assert result.fill > 0.97
 
 
+def test_split_to_fill_on_documents_long_relative_to_rows():
+    """Documents about as long as a row (the sample mixture's case) defeat whole-document BFD; cutting a piece into
+    the roomiest row instead of opening a new one fills ≥ 0.99 and still places every token exactly once."""
+    rng = np.random.default_rng(3)
+    docs = [Doc(rng.integers(1, 300, n), None, language_id=0, meta={"id": i})
+            for i, n in enumerate(rng.integers(200, 320, 400))]
+    plain = pack(docs, 512, PAD)
+    split = pack(docs, 512, PAD, min_split=16)
+    check_rows(split, docs, 512)
+    assert plain.fill < 0.99 <= split.fill, (plain.fill, split.fill)
+    assert split.n_pieces > plain.n_pieces
+    rows_with_room = [r for r in split.rows[:-1] if r.pad >= 16]
+    assert len(rows_with_room) <= 1  # only a window's last row may keep room
+
+
 def test_long_documents_are_split_and_empty_skipped():
     rng = np.random.default_rng(1)
     docs = [Doc(rng.integers(1, 300, n), None, language_id=n % 3) for n in (70, 5, 33, 0, 16, 1, 64)]

@@ -103,7 +103,7 @@ def build(cfg: Config, storage: Storage, qa_folder: str, tokenizer_path: str) ->
     expert_map = cfg.expert_map() if cfg.moe.layers else {}
     source_prior = {s.name: (s.priority, s.epochs) for s in d.sources}
     fp = fingerprint(SCHEMA_VERSION, qa.hash, d.priorities, d.epochs, source_prior, d.heldout_fraction,
-                     cfg.train.seq_len, cfg.train.seed, tokenizer_path if cfg.model.base != "tiny" else "tiny",
+                     cfg.train.seq_len, cfg.train.pack_min_split, cfg.train.seed, tokenizer_path if cfg.model.base != "tiny" else "tiny",
                      cfg.model.arch.model_dump() if cfg.model.arch else None, expert_map)
     out = cfg.uri("mixture", fp)
     if storage.has_manifest(out):
@@ -148,8 +148,8 @@ def build(cfg: Config, storage: Storage, qa_folder: str, tokenizer_path: str) ->
 
     tok = _load_tokenizer(tokenizer_path)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    train = pack(docs(order), cfg.train.seq_len, pad_id)
-    held = pack(docs(np.flatnonzero(heldout)), cfg.train.seq_len, pad_id)
+    train = pack(docs(order), cfg.train.seq_len, pad_id, min_split=cfg.train.pack_min_split)
+    held = pack(docs(np.flatnonzero(heldout)), cfg.train.seq_len, pad_id, min_split=cfg.train.pack_min_split)
 
     shards = []
     for split, result in (("train", train), ("heldout", held)):

@@ -28,6 +28,7 @@ implementation.
 from __future__ import annotations
 
 import bisect
+import heapq
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -108,25 +109,43 @@ def _pieces(docs: Sequence[Doc], seq_len: int) -> tuple[list[list[_Piece]], int,
     return out, n_split, n_empty
 
 
-def _bfd(pieces: list[_Piece], seq_len: int) -> list[list[_Piece]]:
+def _bfd(pieces: list[_Piece], seq_len: int, min_split: int = 0) -> list[list[_Piece]]:
     """Best-fit decreasing: longest first, each into the open row whose remaining room is the smallest that fits.
 
     Open rows are kept by remaining capacity: a sorted list of the distinct capacities (bisect) and, per capacity, a
     FIFO of rows — O(log) lookups, and among equally good rows the oldest wins, which keeps sampler order a little.
+
+    ``min_split`` > 0: when a piece fits no open row and the roomiest open row has at least ``min_split`` tokens free,
+    the piece is cut — its head fills that row, its tail goes back in the queue — instead of opening a new row. On a
+    small corpus whose documents are long relative to ``seq_len`` this is what lifts the fill from ~0.95 to ≥ 0.99;
+    the price is a tail piece that starts without its document's beginning (its first label is masked like any piece).
     """
-    order = sorted(range(len(pieces)), key=lambda k: -pieces[k][2])  # stable: equal lengths keep sampler order
+    heap = [(-p[2], k, p) for k, p in enumerate(pieces)]  # stable: equal lengths keep sampler order
+    heapq.heapify(heap)
+    tie = len(pieces)
     rows: list[list[_Piece]] = []
     caps: list[int] = []
     by_cap: dict[int, deque[int]] = {}
-    for k in order:
-        p = pieces[k]
+
+    def take(i: int) -> tuple[int, int]:
+        cap = caps[i]
+        r = by_cap[cap].popleft()
+        if not by_cap[cap]:
+            del by_cap[cap]
+            caps.pop(i)
+        return cap, r
+
+    while heap:
+        _, _, p = heapq.heappop(heap)
         i = bisect.bisect_left(caps, p[2])
         if i < len(caps):
-            cap = caps[i]
-            r = by_cap[cap].popleft()
-            if not by_cap[cap]:
-                del by_cap[cap]
-                caps.pop(i)
+            cap, r = take(i)
+        elif min_split and caps and caps[-1] >= min_split:
+            cap, r = take(len(caps) - 1)
+            head, tail = (p[0], p[1], cap), (p[0], p[1] + cap, p[2] - cap)
+            heapq.heappush(heap, (-tail[2], tie, tail))
+            tie += 1
+            p = head
         else:
             cap, r = seq_len, len(rows)
             rows.append([])
@@ -144,15 +163,16 @@ def _bfd(pieces: list[_Piece], seq_len: int) -> list[list[_Piece]]:
     return rows
 
 
-def pack(docs: Sequence[Doc], seq_len: int, pad_id: int, window: int = 4096) -> PackResult:
-    """Pack ``docs`` (in sampler order) into rows of ``seq_len`` tokens by best-fit decreasing per window."""
+def pack(docs: Sequence[Doc], seq_len: int, pad_id: int, window: int = 4096, min_split: int = 0) -> PackResult:
+    """Pack ``docs`` (in sampler order) into rows of ``seq_len`` tokens by best-fit decreasing per window
+    (``min_split``: see ``_bfd``)."""
     if seq_len < 1 or window < 1:
         raise ValueError(f"seq_len and window must be >= 1, got {seq_len}, {window}")
     per_doc, n_split, n_empty = _pieces(docs, seq_len)
     layout: list[list[_Piece]] = []
     for w in range(0, len(per_doc), window):
-        layout += _bfd([p for ps in per_doc[w:w + window] for p in ps], seq_len)
-    return _materialize(docs, layout, seq_len, pad_id, n_split, n_empty, stats={"method": "bfd", "window": window})
+        layout += _bfd([p for ps in per_doc[w:w + window] for p in ps], seq_len, min_split)
+    return _materialize(docs, layout, seq_len, pad_id, n_split, n_empty, stats={"method": "bfd", "window": window, "min_split": min_split})
 
 
 def greedy_pack(docs: Sequence[Doc], seq_len: int, pad_id: int, batch: int = REFERENCE_BATCH) -> PackResult:
