@@ -204,11 +204,13 @@ class TrainConfig(Section):
 
 # ------------------------------------------------------------------------------------------------------------- tune
 class TuneConfig(Section):
+    name: str = Field("routing-sweep", description="sweep name: tune/<name>/ in storage; rerun the same name to resume")
     search_space: dict[str, Any] = Field(default_factory=lambda: {
-        "moe.routing": {"grid": ["topk", "language", "hybrid"]}, "moe.layers": {"grid": [1, 2]}})
+        "moe.routing": {"grid": ["topk", "language", "hybrid"]}, "moe.layers": {"grid": [1, 2]}},
+        description="dotted config key -> {grid|choice: [...]} or {uniform|loguniform|randint: [low, high]}")
     num_samples: int = Field(1, ge=1)
     scheduler: Literal["fifo", "asha"] = "asha"
-    metric: str = "heldout_loss"
+    metric: str = Field("heldout_loss", description="what the scheduler stops trials on (minimised)")
     max_concurrent_trials: int = Field(1, ge=1)
     grace_period: int = Field(5, ge=1)
 

@@ -191,6 +191,7 @@ def train_loop_per_worker(config: dict) -> None:
         return out
 
     engine.train()
+    last_heldout: float | None = None
     t_last = time.perf_counter()
     for step in range(start_step, total_steps):
         lang_sums = torch.zeros(len(languages), 2, device=device, dtype=torch.float64)
@@ -234,8 +235,13 @@ def train_loop_per_worker(config: dict) -> None:
             for layer, row in zip(moe_layers, frac.tolist()):
                 metrics.update({f"moe/layer{layer}/expert_{e}": v for e, v in enumerate(row)})
         last = step + 1 == total_steps
-        if (step + 1) % c["eval_every"] == 0 or last:
-            metrics.update(evaluate_heldout())
+        if (step + 1) % c["eval_every"] == 0 or last or last_heldout is None:
+            held_metrics = evaluate_heldout()
+            metrics.update(held_metrics)
+            last_heldout = held_metrics.get("heldout_loss")
+        elif last_heldout is not None:
+            # Every report carries the latest held-out loss, so a Tune scheduler can act on any of them.
+            metrics["heldout_loss"] = last_heldout
         if tracker:
             tracker.log(metrics, step + 1)
             if (step + 1) % c["log_every"] == 0 or last:

@@ -46,8 +46,9 @@ def _local(storage: Storage, uri: str) -> str:
     return str(storage.get_dir(uri, tempfile.mkdtemp(prefix="apollo-model-")))
 
 
-def run(cfg: Config, qa: str | None = None) -> str:
-    """Train; return the exported model's URI (``models/<run_name>/``)."""
+def run(cfg: Config, qa: str | None = None, callbacks: list | None = None) -> str:
+    """Train; return the exported model's URI (``models/<run_name>/``). ``callbacks``: Ray Train user callbacks
+    (Tune passes its ``TuneReportCallback`` so a trial reports through the trainer)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -93,7 +94,7 @@ def run(cfg: Config, qa: str | None = None) -> str:
                 name=t.run_name, storage_path=cfg.uri("checkpoints"),
                 storage_filesystem=_pyarrow_fs(cfg),
                 checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
-                failure_config=FailureConfig(max_failures=t.max_failures)),
+                failure_config=FailureConfig(max_failures=t.max_failures), callbacks=callbacks or None),
         )
         result = trainer.fit()
         if result.error:
