@@ -1,0 +1,170 @@
+"""Mix training on Ray Train + DeepSpeed (2 CPU workers): learning, export, MLflow, and fault tolerance.
+
+The fault-tolerance tests compare final weights with an uninterrupted run of the same config: training is
+deterministic on CPU (fixed rows per step, no dropout), so equal weights mean the resumed run trained on exactly the
+same items in the same order — nothing repeated, nothing skipped.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+
+from apollo_ray import config as config_mod
+from apollo_ray.storage import Storage
+from helpers import write_sample_qa
+
+pytestmark = pytest.mark.slow
+STEPS = 8
+
+
+def _cfg(root: Path, run_name: str, *extra: str) -> config_mod.Config:
+    return config_mod.resolve({}, [f"storage.root={root}", f"train.run_name={run_name}", f"train.max_steps={STEPS}",
+                                   "train.checkpoint_every=4", "train.eval_every=4", "train.max_failures=3", *extra])
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    cfg = _cfg(root, "x")
+    storage = Storage.from_config(cfg)
+    qa = write_sample_qa(storage, cfg.uri("qa", "sample"))
+    return root, qa
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def baseline(store, ray_local):
+    from apollo_ray.train import trainer
+
+    root, qa = store
+    cfg = _cfg(root, "baseline")
+    return cfg, trainer.run(cfg, qa)
+
+
+def _weights(path: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    files = sorted(Path(path).glob("*.safetensors"))
+    assert files, f"no safetensors in {path}"
+    out: dict[str, torch.Tensor] = {}
+    for f in files:
+        out.update(load_file(f))
+    return out
+
+
+def _assert_same_weights(a: str, b: str) -> None:
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6, msg=lambda m: f"{k}: {m}")
+
+
+def test_trains_post_moe_exports_and_tracks(baseline):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cfg, out = baseline
+    storage = Storage.from_config(cfg)
+    manifest = storage.read_manifest(out)
+    assert manifest.stage == "train"
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.model_type == "apollo_post_moe" and model.config.routing == "hybrid"
+    assert len(model.config.moe_layers) == 2 and model.config.num_experts == 12
+    tok = AutoTokenizer.from_pretrained(out)
+    ids = tok("Hypertension is", return_tensors="pt").input_ids
+    assert model(ids).logits.shape[-1] == model.config.vocab_size
+    assert not list(Path(out).glob("*.bin")) and not list(Path(out).glob("*.pt"))
+
+    client = mlflow.MlflowClient(cfg.tracking_uri())
+    run = client.get_run(manifest.extra["mlflow_run_id"])
+    loss = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "loss"), key=lambda m: m.step)]
+    assert len(loss) == STEPS
+    assert sum(loss[-2:]) / 2 < sum(loss[:2]) / 2 - 0.05, loss  # it learns
+    keys = run.data.metrics.keys()
+    for k in ("lr", "grad_norm", "tokens_per_s", "mfu", "router_aux_loss", "heldout_loss", "loss/en", "loss/zh",
+              "loss_kind/exam", "loss_kind/encyclopedia", "moe/layer2/expert_0", "mixture/fill"):
+        assert k in keys, k
+    assert run.data.metrics["mixture/fill"] >= 0.99
+    lr = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "lr"), key=lambda m: m.step)]
+    assert lr[0] < max(lr) or lr[0] == max(lr)  # warmup then cosine decay
+    assert lr[-1] < max(lr)
+
+
+def _train_script(root: Path, qa: str, run_name: str) -> str:
+    return textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from test_train import _cfg
+        from apollo_ray.train import trainer
+        from pathlib import Path
+        print("OUT", trainer.run(_cfg(Path({str(root)!r}), {run_name!r}), {qa!r}))
+    """)
+
+
+def _checkpoints(root: Path, run_name: str) -> list[Path]:
+    return sorted((root / "checkpoints" / run_name).glob("checkpoint_*"))
+
+
+def test_restarted_job_with_same_name_resumes(store, baseline):
+    root, qa = store
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen([sys.executable, "-c", _train_script(root, qa, "restart")], env=env,
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while not _checkpoints(root, "restart") and time.time() < deadline:
+        time.sleep(1)
+    time.sleep(2)  # let the checkpoint's upload finish
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert _checkpoints(root, "restart"), "the first attempt never checkpointed"
+    r = subprocess.run([sys.executable, "-c", _train_script(root, qa, "restart")], env=env, capture_output=True,
+                       text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed at step 4" in r.stdout + r.stderr
+    out = [line.split(" ", 1)[1] for line in r.stdout.splitlines() if line.startswith("OUT ")][0]
+    _assert_same_weights(out, baseline[1])
+
+
+def test_killed_worker_is_replaced_and_run_continues(store, baseline):
+    from ray.util.state import list_actors
+
+    from apollo_ray.train import trainer
+
+    root, qa = store
+    cfg = _cfg(root, "workerkill")
+    killed: list[int] = []
+
+    def killer():
+        deadline = time.time() + 600
+        while not _checkpoints(root, "workerkill") and time.time() < deadline:
+            time.sleep(0.5)
+        time.sleep(2)
+        workers = [a for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])]
+        if workers:
+            os.kill(workers[-1].pid, signal.SIGKILL)
+            killed.append(workers[-1].pid)
+
+    t = threading.Thread(target=killer, daemon=True)
+    t.start()
+    out = trainer.run(cfg, qa)
+    t.join(timeout=5)
+    assert killed, "no worker was killed: the run finished before its first checkpoint"
+    _assert_same_weights(out, baseline[1])
