@@ -63,6 +63,21 @@ def run(cfg: Config, qa: str | None = None, callbacks: list | None = None) -> st
     mixture = dataset.build(cfg, storage, qa, init_local)
     mix = storage.read_manifest(mixture)
     out_uri = cfg.uri("models", cfg.train.run_name)
+    identity = {"mixture": mix.hash, "init": init_uri,
+                "fingerprint": fingerprint(cfg.train.model_dump(mode="json", exclude={"checkpoint_every", "log_every",
+                                                                                      "keep_checkpoints",
+                                                                                      "max_failures"}),
+                                           cfg.moe.model_dump(mode="json"), cfg.resources.num_workers)}
+    if storage.has_manifest(out_uri) and storage.read_manifest(out_uri).extra.get("identity") == identity:
+        log.info("train: up to date (%s), skipping", out_uri)
+        return out_uri
+    # A run name is one training run: resuming it with other inputs or hyper-parameters would silently mix two runs.
+    marker = cfg.uri("checkpoints", cfg.train.run_name, "apollo_run.json")
+    if storage.exists(marker) and storage.read_json(marker) != identity:
+        raise ValueError(f"train.run_name={cfg.train.run_name!r} already has checkpoints at "
+                         f"{cfg.uri('checkpoints', cfg.train.run_name)} from different inputs or hyper-parameters; "
+                         f"choose another train.run_name (or delete that folder to start over)")
+    storage.write_json(marker, identity)
     p = plan_mod.plan(cfg)
     tracker = Tracker(cfg)
     with tracker.stage("train", inputs={"mixture": mix.hash, "qa": storage.read_manifest(qa).hash},
@@ -116,7 +131,7 @@ def run(cfg: Config, qa: str | None = None, callbacks: list | None = None) -> st
             stage="train", fingerprint=cfg.train.run_name, inputs={"mixture": mix.hash},
             config={"train": cfg.train.model_dump(mode="json"), "moe": cfg.moe.model_dump(mode="json"),
                     "model": cfg.model.model_dump(mode="json")},
-            extra={"checkpoint": ckpt.path, "metrics": {k: v for k, v in metrics.items()
+            extra={"identity": identity, "checkpoint": ckpt.path, "metrics": {k: v for k, v in metrics.items()
                                                         if isinstance(v, (int, float, str))},
                    "mlflow_run_id": run_.run_id}))
     log.info("train: model exported to %s", out_uri)
