@@ -91,7 +91,8 @@ def _sample_sources() -> list[SourceConfig]:
 class DataConfig(Section):
     sources: list[SourceConfig] = Field(default_factory=_sample_sources)
     min_chars: int = Field(40, ge=0, description="documents shorter than this are dropped (too_short)")
-    max_symbol_ratio: float = Field(0.3, gt=0, le=1, description="share of non-letter, non-space characters")
+    max_symbol_ratio: float = Field(0.3, gt=0, le=1,
+                                    description="share of punctuation/symbol characters among non-space ones")
     max_repetition: float = Field(0.3, gt=0, le=1, description="share of duplicated lines / 10-grams")
     near_dup_threshold: float = Field(0.8, gt=0, le=1, description="MinHash Jaccard above which a doc is a near-dup")
     minhash_perm: int = Field(128, ge=16)
@@ -194,6 +195,8 @@ class TrainConfig(Section):
     max_steps: int | None = Field(None, ge=1, description="stop early (default: one pass over the drawn order)")
     zero_stage: Literal[0, 1, 2, 3] = 1
     precision: Literal["fp32", "bf16"] = "fp32"
+    activation_checkpointing: bool = Field(False, description="recompute each decoder layer in the backward pass: "
+                                           "activations shrink to the layer inputs plus one layer, for ~1/3 more compute")
     seed: int = 42
     checkpoint_every: int = Field(20, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
@@ -237,6 +240,12 @@ class EvalConfig(Section):
     batch_size: int = Field(8, ge=1)
     actors: int = Field(1, ge=1)
     limit: int | None = Field(None, ge=1, description="items per benchmark file, for smoke runs")
+    hybrid_in_eval: bool = Field(False, description="Post-MoE: pass each item's language expert as language_ids so "
+                                                    "hybrid (or language) routing applies in evaluation; default "
+                                                    "plain top-k, the paper's choice")
+    analyze_prompt_tokens: bool = Field(False, description="routing analysis: feed the full k-shot prompts instead "
+                                                           "of the items' question + options")
+    analyze_items_per_language: int = Field(64, ge=1, description="routing analysis: items per language")
 
 
 # ------------------------------------------------------------------------------------------------------------ serve
@@ -359,14 +368,15 @@ def _tiny() -> dict:
     }
 
 
-def _qwen2(base: str, arch: dict) -> Callable[[], dict]:
+def _qwen2(base: str, arch: dict, activation_checkpointing: bool = False) -> Callable[[], dict]:
     def preset() -> dict:
         return {
             "model": {"base": base, "arch": arch, "dtype": "bfloat16"},
             "moe": {"layers": 2, "experts": "family", "top_k": 2, "routing": "hybrid", "ep_size": 1},
             # Apollo: 128 x 4096 tokens per step (8 GPUs x 2 rows x 8 accumulation); lr 1e-4 for Post-MoE small models.
             "train": {"seq_len": 4096, "micro_batch_size": 2, "grad_accum": 8, "lr": 1e-4, "zero_stage": 1,
-                      "precision": "bf16", "checkpoint_every": 500, "eval_every": 250},
+                      "precision": "bf16", "activation_checkpointing": activation_checkpointing,
+                      "checkpoint_every": 500, "eval_every": 250},
             "resources": {"num_workers": 8, "use_gpu": True, "cpus_per_worker": 8, "gpus_per_worker": 1,
                           "gpu_type": "H100-80GB"},
             "rewrite": {"backend": "openai"},
@@ -385,7 +395,9 @@ PRESETS: dict[str, Callable[[], dict]] = {
         vocab_size=151936, tie_word_embeddings=True)),
     "qwen2-7b": _qwen2("Qwen/Qwen2-7B", dict(
         hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
-        vocab_size=152064, tie_word_embeddings=False)),
+        vocab_size=152064, tie_word_embeddings=False),
+        # Without it the activations (~58 GiB of 2 x 4096 tokens) plus ZeRO-1 states exceed an H100-80GB (`plan`).
+        activation_checkpointing=True),
 }
 
 
