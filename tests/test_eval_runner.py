@@ -1,0 +1,284 @@
+"""The evaluate and analyze stages on a tiny dense base and its Post-MoE upcycling, built here (CPU, fp32).
+
+Evaluation runs through Ray Data (2 CPUs) on the shipped sample MCQ set and the real XMedBench dev files; routing
+analysis is checked against an independent count of non-pad tokens, and its specialisation scores on a hand-made
+count tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+
+from apollo_ray import config as config_mod
+from apollo_ray import languages as langs
+from apollo_ray.config import SAMPLE_DATA, BenchmarkConfig
+from apollo_ray.evaluation import routing, runner
+from apollo_ray.evaluation.benchmark import load_benchmark
+from apollo_ray.model.tiny import ensure_base
+from apollo_ray.model.upcycle import upcycle_checkpoint
+from apollo_ray.storage import Manifest, Storage
+from apollo_ray.tracking import Tracker
+from conftest import XMEDBENCH_DEV
+
+SAMPLE_COUNTS = {p.stem: len(json.loads(p.read_text(encoding="utf-8"))) for p in (SAMPLE_DATA / "mcq").glob("*.json")}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matmuls are fastest single-threaded; a second intra-op thread on a busy 2-core box only contends."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+def _cfg(root: Path, *extra: str) -> config_mod.Config:
+    return config_mod.resolve({}, [f"storage.root={root}", "moe.ep_size=1", *extra])
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict:
+    """The tiny dense base and its Post-MoE upcycling."""
+    root = tmp_path_factory.mktemp("eval")
+    cfg = _cfg(root)
+    base = ensure_base(cfg, Storage.from_config(cfg))
+    return {"root": root, "base": base, "moe": upcycle_checkpoint(base, cfg.uri("models", "tiny-moe"), cfg)}
+
+
+@pytest.fixture(scope="module")
+def trained(models) -> dict:
+    """The upcycled model posing as a trained one: a manifest naming the MLflow run that "trained" it."""
+    cfg = _cfg(models["root"])
+    with Tracker(cfg).stage("train", output=models["moe"]) as run:
+        train_run_id = run.run_id
+    Storage.from_config(cfg).write_manifest(models["moe"], Manifest(stage="train", fingerprint="tiny-moe",
+                                                                    extra={"mlflow_run_id": train_run_id}))
+    return {**models, "train_run_id": train_run_id}
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+def _metrics(run_id: str) -> dict[str, float]:
+    return mlflow.MlflowClient().get_run(run_id).data.metrics
+
+
+def _eval_run(cfg: config_mod.Config, out: str) -> str:
+    return Storage.from_config(cfg).read_manifest(out).extra["mlflow_run_id"]
+
+
+# ------------------------------------------------------------------------------------------------------- evaluation
+@pytest.mark.slow
+def test_evaluate_sample_set_loglik(trained, ray_local):
+    cfg = _cfg(trained["root"])
+    out = runner.run(cfg, [trained["moe"]])
+    results = json.loads(Path(out, "results.json").read_text(encoding="utf-8"))
+    assert list(results) == ["tiny-moe"]
+    r = results["tiny-moe"]
+    assert {lang: v["n"] for lang, v in r["languages"].items()} == SAMPLE_COUNTS
+    assert r["n"] == sum(SAMPLE_COUNTS.values())
+    assert r["major"]["present"] == list(langs.MAJORS) and r["major"]["missing"] == []
+    assert r["major"]["accuracy"] == pytest.approx(np.mean([r["languages"][c]["accuracy"] for c in langs.MAJORS]))
+    assert sorted(r["minor"]["present"]) == ["sw", "vi"] and r["minor"]["accuracy"] is not None
+    assert r["sources"]["en"] and r["rejects"] == {}
+    header = Path(out, "table.md").read_text(encoding="utf-8").splitlines()[0]
+    assert all(f" {lang} " in header for lang in SAMPLE_COUNTS) and "Major" in header and "Minor" in header
+    assert Path(out, "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    preds = [json.loads(x) for x in Path(out, "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert len(preds) == r["n"] and all(p["predicted"] in "ABCDEF" for p in preds)
+    assert sum(p["correct"] for p in preds) == sum(v["correct"] for v in r["languages"].values())
+
+    m = Storage.from_config(cfg).read_manifest(out)
+    assert m.counts == {"in": r["n"], "kept": r["n"], "dropped": {}}
+    assert m.inputs == {"tiny-moe": Storage(trained["moe"]).read_manifest(trained["moe"]).hash}
+
+    # MLflow: the evaluation run (nested under the run that trained the model), and the metrics in that run too
+    run = mlflow.MlflowClient().get_run(m.extra["mlflow_run_id"])
+    assert run.data.metrics["major"] == pytest.approx(r["major"]["accuracy"])
+    assert run.data.metrics["accuracy/sw"] == pytest.approx(r["languages"]["sw"]["accuracy"])
+    assert run.data.tags["apollo.lineage.tiny-moe.train_run_id"] == trained["train_run_id"]
+    assert run.data.tags["mlflow.parentRunId"] == trained["train_run_id"]
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
+    assert {"table.md", "accuracy.png", "results.json"} <= artifacts
+    train = _metrics(trained["train_run_id"])
+    assert train["eval/major"] == pytest.approx(r["major"]["accuracy"])
+    assert train["eval/accuracy/en"] == pytest.approx(r["languages"]["en"]["accuracy"])
+
+    # A rerun finds the manifest and skips: same folder, nothing rewritten.
+    t0 = time.time()
+    assert runner.run(cfg, [trained["moe"]]) == out
+    assert Storage.from_config(cfg).read_manifest(out).created == m.created
+    assert time.time() - t0 < 30
+
+
+@pytest.mark.slow
+def test_two_models_side_by_side(trained, ray_local):
+    cfg = _cfg(trained["root"], "eval.limit=3")
+    out = runner.run(cfg, [trained["base"], trained["moe"]])
+    table = Path(out, "table.md").read_text(encoding="utf-8").splitlines()
+    base_name = Path(trained["base"]).name
+    rows = [line for line in table if line.startswith("| ") and not line.startswith("| Model")]
+    assert [row.split(" | ")[0][2:] for row in rows] == [base_name, "tiny-moe"]
+    results = json.loads(Path(out, "results.json").read_text(encoding="utf-8"))
+    assert all(results[name]["n"] == 3 * len(SAMPLE_COUNTS) for name in (base_name, "tiny-moe"))
+    # Upcycling with renormalised top-k is function-preserving: both rows score every option alike.
+    preds = [json.loads(x) for x in Path(out, "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
+    by_model: dict[str, dict] = {}
+    for p in preds:
+        by_model.setdefault(p["model"], {})[p["uid"]] = json.loads(p["output"])
+    for uid, scores in by_model[base_name].items():
+        assert scores == pytest.approx(by_model["tiny-moe"][uid], abs=1e-3)
+    metrics = _metrics(_eval_run(cfg, out))
+    assert {f"{base_name}/major", "tiny-moe/major", "tiny-moe/accuracy/vi"} <= set(metrics)
+
+
+@pytest.mark.slow
+def test_generate_with_language_ids_and_a_tight_budget(trained, ray_local):
+    """Greedy generation, hybrid routing in evaluation (language ids through Ray), prompts over budget rejected."""
+    cfg = _cfg(trained["root"], "eval.scoring=generate", "eval.limit=2", "eval.max_new_tokens=4",
+               "eval.hybrid_in_eval=true", "eval.max_prompt_tokens=130", "eval.shots=0")
+    out = runner.run(cfg, [trained["moe"]])
+    r = json.loads(Path(out, "results.json").read_text(encoding="utf-8"))["tiny-moe"]
+    assert r["language_ids"] is True
+    rejects = json.loads(Path(out, "rejects.json").read_text(encoding="utf-8"))
+    assert rejects and all(x["reason"] == "prompt_too_long" for x in rejects)
+    assert all(isinstance(x["index"], int) and x["file"] in SAMPLE_COUNTS for x in rejects)
+    m = Storage.from_config(cfg).read_manifest(out)
+    assert m.counts == {"in": 2 * len(SAMPLE_COUNTS), "kept": r["n"], "dropped": {"prompt_too_long": len(rejects)}}
+    assert r["rejects"] == {"prompt_too_long": len(rejects)} and r["n"] > 0
+    preds = [json.loads(x) for x in Path(out, "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert len(preds) == r["n"] and all(isinstance(p["output"], str) for p in preds)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not XMEDBENCH_DEV.exists(), reason="XMedBench dev files not present")
+def test_xmedbench_dev_files(trained, ray_local):
+    limit = 4
+    bench = json.dumps([{"name": "xmedbench-dev", "path": str(XMEDBENCH_DEV)}])
+    cfg = _cfg(trained["root"], f"eval.benchmarks={bench}", f"eval.limit={limit}", "eval.max_prompt_tokens=1536")
+    out = runner.run(cfg, [trained["moe"]])
+    r = json.loads(Path(out, "results.json").read_text(encoding="utf-8"))["tiny-moe"]
+    files = sorted(p.stem for p in XMEDBENCH_DEV.glob("*.json"))
+    rejects = Counter(x["file"] for x in json.loads(Path(out, "rejects.json").read_text(encoding="utf-8")))
+    for lang in files:
+        assert r["languages"].get(lang, {}).get("n", 0) + rejects[lang] == limit, lang
+    m = Storage.from_config(cfg).read_manifest(out)
+    assert m.counts["in"] == limit * len(files) and m.counts["kept"] == r["n"]
+    assert r["major"]["present"] == [c for c in langs.MAJORS if c in r["languages"]]
+
+
+# ---------------------------------------------------------------------------------------------------------- routing
+def test_specialisation_scores_on_a_hand_made_tensor():
+    # 2 languages × 2 layers × 2 experts. Layer 0: each language has its own expert → 1 bit of MI, 0 entropy.
+    # Layer 1: both spread evenly → 0 MI, 1 bit of entropy each.
+    counts = np.array([[[10, 0], [5, 5]],
+                       [[0, 30], [7, 7]]])
+    s = routing.specialisation(counts)
+    np.testing.assert_allclose(s["mutual_information"], [1.0, 0.0], atol=1e-12)
+    np.testing.assert_allclose(s["normalised_mi"], [1.0, 0.0], atol=1e-12)
+    np.testing.assert_allclose(s["entropy"], [[0.0, 1.0], [0.0, 1.0]], atol=1e-12)
+    np.testing.assert_allclose(s["mean_entropy"], [0.0, 1.0], atol=1e-12)
+    np.testing.assert_allclose(routing.ratios(counts)[1, 0], [0.0, 1.0])
+
+    # Languages weigh the same whatever their token counts: p(e|A) = (3/4, 1/4), p(e|B) = (1/4, 3/4), p(e) = (1/2, 1/2)
+    # → I = 1 − H(3/4, 1/4); a third language with no tokens changes nothing.
+    h = -(0.75 * np.log2(0.75) + 0.25 * np.log2(0.25))
+    skew = np.array([[[3, 1]], [[100, 300]], [[0, 0]]])
+    np.testing.assert_allclose(routing.mutual_information(skew), [1.0 - h])
+    assert np.isnan(routing.routing_entropy(skew)[2, 0])
+
+
+def _sample_texts(per_language: int, languages: tuple[str, ...]) -> dict[str, list[str]]:
+    items, _ = load_benchmark(BenchmarkConfig(name="s", path=str(SAMPLE_DATA / "mcq")), Storage("/tmp"))
+    out: dict[str, list[str]] = {lang: [] for lang in languages}
+    for it in items:
+        if it.language in out and len(out[it.language]) < per_language:
+            out[it.language].append(routing.item_text(it))
+    return out
+
+
+def test_routing_counts_exclude_padding(models):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(models["moe"]).eval()
+    tok = AutoTokenizer.from_pretrained(models["moe"])
+    texts = _sample_texts(6, ("en", "zh", "sw"))
+    counts, tokens, layers = routing.count_routing(model, tok, texts, batch_size=4)
+    k = model.config.num_experts_per_tok
+    independent = {lang: sum(len(tok(t)["input_ids"]) for t in ts) for lang, ts in texts.items()}
+    assert tokens == independent
+    assert layers == model.config.moe_layers
+    for g, lang in enumerate(texts):
+        assert counts[g].sum(axis=-1).tolist() == [independent[lang] * k] * len(layers), lang
+    # One text at a time (no padding at all) routes the same tokens the same way.
+    alone, _, _ = routing.count_routing(model, tok, texts, batch_size=1)
+    assert np.abs(alone - counts).sum() <= 4  # float near-ties between batch shapes may flip a selection or two
+
+
+def test_language_ids_reach_the_router(models):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(models["moe"]).eval()
+    model.config.hybrid_in_eval = True
+    ids = torch.randint(0, 100, (2, 7))
+    with torch.inference_mode():
+        plain = model(input_ids=ids).router_stats.language_expert_counts
+        with runner.language_ids(model, 3):
+            tagged = model(input_ids=ids).router_stats.language_expert_counts
+    assert plain.sum() == 0  # no language ids: no token has a language row
+    k = model.config.num_experts_per_tok
+    assert tagged[:, 3, :].sum(-1).tolist() == [2 * 7 * k] * len(model.config.moe_layers)
+    assert (tagged[:, 3, 3] == 2 * 7).all()  # hybrid: the language expert is always among the chosen
+
+
+def test_analyze_refuses_a_dense_model(models):
+    with pytest.raises(routing.NotPostMoE, match="analyze needs a Post-MoE model"):
+        routing.run(_cfg(models["root"]), [models["base"]])
+
+
+@pytest.mark.slow
+def test_analyze_stage(trained, ray_local):
+    per_language = 5
+    cfg = _cfg(trained["root"], f"eval.analyze_items_per_language={per_language}")
+    out = routing.run(cfg, [trained["moe"]])
+    folder = Path(out, "tiny-moe")
+    doc = json.loads((folder / "routing.json").read_text(encoding="utf-8"))
+    assert doc["languages"] == [c for c in (*langs.MAJORS, *langs.minors()) if c in SAMPLE_COUNTS]
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(trained["moe"])
+    texts = _sample_texts(per_language, tuple(doc["languages"]))
+    counts = np.array(doc["counts"])
+    assert counts.shape == (len(doc["languages"]), len(doc["layers"]), len(doc["experts"]))
+    for g, lang in enumerate(doc["languages"]):
+        non_pad = sum(len(tok(t)["input_ids"]) for t in texts[lang])
+        assert counts[g].sum(axis=-1).tolist() == [non_pad * doc["top_k"]] * len(doc["layers"]), lang
+    np.testing.assert_allclose(np.array(doc["ratios"]).sum(axis=-1), 1.0)
+    for name in [*(f"heatmap-{lang}.png" for lang in doc["languages"]), "heatmap-all.png", "overview.png",
+                 "specialisation.png", "routing.npz"]:
+        assert (folder / name).stat().st_size > 0, name
+    with np.load(folder / "routing.npz") as npz:
+        np.testing.assert_array_equal(npz["counts"], counts)
+    assert len(doc["mutual_information"]) == len(doc["layers"])
+    np.testing.assert_allclose(doc["mutual_information"], routing.mutual_information(counts))
+
+    m = Storage.from_config(cfg).read_manifest(out)
+    n = sum(SAMPLE_COUNTS.values())
+    assert m.counts["in"] == n and m.counts["kept"] == per_language * len(SAMPLE_COUNTS)
+    metrics = _metrics(m.extra["mlflow_run_id"])
+    assert metrics[f"mi/layer_{doc['layers'][-1]}"] == pytest.approx(doc["mutual_information"][-1])
+    assert routing.run(cfg, [trained["moe"]]) == out  # rerun skips
