@@ -125,7 +125,7 @@ def _loglik(model: Any, tokenizer: Any, prompts: list[str], options: list[list[s
     try:
         with torch.inference_mode():
             for group in _groups(order, [len(r) for r in rows], batch_rows):
-                logprobs = iter(_forward_continuations(model, [seq for i in group for seq in rows[i]], pad_id, device))
+                logprobs = iter(_forward_shared_prompt(model, [rows[i] for i in group], pad_id, device))
                 for i in group:
                     for lp in (next(logprobs) for _ in rows[i]):
                         sums[i].append(float(lp.sum()))
@@ -158,33 +158,59 @@ def _groups(order: list[int], sizes: list[int], batch_rows: int) -> list[list[in
     return groups
 
 
-def _forward_continuations(model: Any, flat: list[tuple[list[int], list[int]]], pad_id: int, device: Any) -> list:
-    """Log-probs of each row's continuation tokens, from one left-padded forward.
+def _forward_shared_prompt(model: Any, items: list[list[tuple[list[int], list[int]]]], pad_id: int,
+                           device: Any) -> list:
+    """Log-probs of each option's continuation tokens, the prompt computed once per item.
 
-    Left padding puts every continuation at the end, so only the last ``max continuation + 1`` positions need
-    logits (``logits_to_keep``): a 150k vocabulary times full sequence length would not fit a batch.
+    Pass 1 runs the left-padded prompts and keeps their KV cache and last-position logits (which score every
+    option's first token). Pass 2 repeats each item's cache once per option slot and runs the right-padded
+    continuations on top of it. Options of one item share the whole prompt, so this does the prompt's work once
+    instead of once per option (~4x less compute on 4-option items); right padding sits after the real tokens and,
+    being causal, cannot change their logits.
     """
     import torch
 
-    seqs = [ctx + cont for ctx, cont in flat]
-    width = max(map(len, seqs))
-    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for r, s in enumerate(seqs):
-        input_ids[r, width - len(s):] = torch.tensor(s, dtype=torch.long)
-        mask[r, width - len(s):] = 1
+    ctxs = [rows[0][0] for rows in items]
+    conts = [[cont for _, cont in rows] for rows in items]
+    slots = max(map(len, conts))
+    width = max(map(len, ctxs))
+    n = len(items)
+    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
+    mask = torch.zeros((n, width), dtype=torch.long)
+    for r, c in enumerate(ctxs):
+        input_ids[r, width - len(c):] = torch.tensor(c, dtype=torch.long)
+        mask[r, width - len(c):] = 1
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-    keep = max(len(cont) for _, cont in flat) + 1
     kwargs: dict[str, Any] = {}
     if "logits_to_keep" in inspect.signature(model.forward).parameters:
-        kwargs["logits_to_keep"] = keep
-    out = model(input_ids=input_ids.to(device), attention_mask=mask.to(device),
-                position_ids=position_ids.to(device), **kwargs)
-    logits = out.logits[:, -keep:, :].float()  # [B, keep, V]
-    logprobs = torch.log_softmax(logits, dim=-1)
-    targets = input_ids[:, width - keep + 1:].to(logprobs.device)  # tokens predicted by positions [-keep, -1)
-    token_lp = logprobs[:, :-1, :].gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [B, keep-1]
-    return [token_lp[r, keep - 1 - len(cont):].cpu() for r, (_, cont) in enumerate(flat)]
+        kwargs["logits_to_keep"] = 1
+    out = model(input_ids=input_ids.to(device), attention_mask=mask.to(device), position_ids=position_ids.to(device),
+                use_cache=True, **kwargs)
+    first_lp = torch.log_softmax(out.logits[:, -1, :].float(), dim=-1)  # [n, V]
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(slots)
+    # Unused option slots of items with fewer options repeat their first option and are dropped below.
+    flat = [cs[j] if j < len(cs) else cs[0] for cs in conts for j in range(slots)]
+    clen = max(map(len, flat))
+    cont_ids = torch.full((n * slots, clen), pad_id, dtype=torch.long)
+    cont_mask = torch.zeros((n * slots, clen), dtype=torch.long)
+    for r, c in enumerate(flat):
+        cont_ids[r, :len(c)] = torch.tensor(c, dtype=torch.long)
+        cont_mask[r, :len(c)] = 1
+    starts = torch.tensor([len(c) for c in ctxs], dtype=torch.long).repeat_interleave(slots)
+    cont_pos = starts[:, None] + torch.arange(clen)[None, :]
+    full_mask = torch.cat([mask.repeat_interleave(slots, 0), cont_mask], dim=-1)
+    out2 = model(input_ids=cont_ids.to(device), attention_mask=full_mask.to(device),
+                 position_ids=cont_pos.to(device), past_key_values=cache, use_cache=True)
+    lp2 = torch.log_softmax(out2.logits.float(), dim=-1)  # [n*slots, clen, V]
+    result = []
+    for i, cs in enumerate(conts):
+        for j, c in enumerate(cs):
+            row = i * slots + j
+            t = torch.tensor(c, dtype=torch.long, device=lp2.device)
+            rest = lp2[row, :len(c) - 1].gather(-1, t[1:, None]).squeeze(-1)
+            result.append(torch.cat([first_lp[i, c[0]].reshape(1).to(rest.device), rest]).cpu())
+    return result
 
 
 def _pad_id(tokenizer: Any) -> int:
