@@ -63,6 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--routing", choices=["topk", "language", "hybrid"])
     _config_args(p)
 
+    p = sub.add_parser("manifests", help="write the KubeRay manifests (RayCluster, RayJobs, RayService, MLflow)")
+    p.add_argument("--out", default="cluster/kuberay", help="output folder (default: cluster/kuberay)")
+    p.add_argument("--deploy", default=None, help="deployment knobs (default: <out>/deploy.yaml if present)")
+    _config_args(p)
+
     for name, (module, help_) in STAGES.items():
         if _available(module):
             p = sub.add_parser(name, help=help_)
@@ -70,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
             if name in ("evaluate", "analyze"):
                 p.add_argument("--model", action="append", default=[],
                                help="model(s) to evaluate: path/URI/hub id (repeatable); default: this run's model")
+            if name == "serve":
+                p.add_argument("--write-config", metavar="PATH", default=None,
+                               help="write a Serve config file for `serve deploy` instead of serving")
     return parser
 
 
@@ -112,6 +120,18 @@ def _dispatch(args: argparse.Namespace) -> int:
         cfg = load_config(args, [f"{k}={v}" for k, v in flags.items() if v is not None])
         out = upcycle.run(cfg, base=args.base, out=args.out)
         print(out)
+        return 0
+    if args.command == "manifests":
+        from apollo_ray import deploy
+
+        opts = deploy.load_options(args.deploy or Path(args.out) / "deploy.yaml")
+        for path in deploy.write_manifests(load_config(args), args.out, opts):
+            print(path)
+        return 0
+    if args.command == "serve" and args.write_config:
+        from apollo_ray.serve import app
+
+        print(app.write_config(load_config(args), args.write_config))
         return 0
     module, _ = STAGES[args.command]
     stage: Callable = importlib.import_module(module).run
