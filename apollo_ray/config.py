@@ -196,7 +196,8 @@ class TrainConfig(Section):
     zero_stage: Literal[0, 1, 2, 3] = 1
     precision: Literal["fp32", "bf16"] = "fp32"
     activation_checkpointing: bool = Field(False, description="recompute each decoder layer in the backward pass: "
-                                           "activations shrink to the layer inputs plus one layer, for ~1/3 more compute")
+                                           "activations shrink to the layer inputs plus one layer, for ~1/3 more "
+                                           "compute")
     seed: int = 42
     checkpoint_every: int = Field(20, ge=1)
     keep_checkpoints: int = Field(2, ge=1)

@@ -69,9 +69,38 @@ def test_bf16_needs_fewer_bytes_than_fp32_per_parameter():
 def test_fit_verdicts():
     assert plan(cfg("qwen2-0.5b")).fits is True
     seven = plan(cfg("qwen2-7b"))
-    assert seven.gpu_memory_gib == 80 and seven.fits is (seven.memory.total <= 72)
+    assert seven.gpu_memory_gib == 80 and seven.fits is (seven.memory.total <= 72) and seven.fits
     assert plan(cfg("tiny")).fits is None  # CPU run
     assert plan(cfg("qwen2-0.5b", "resources.gpu_type=MysteryGPU")).fits is None
+
+
+def test_activation_checkpointing_makes_qwen2_7b_fit_an_h100():
+    on = plan(cfg("qwen2-7b"))  # the preset turns it on
+    off = plan(cfg("qwen2-7b", "train.activation_checkpointing=false"))
+    assert on.activation_checkpointing and not off.activation_checkpointing
+    assert on.fits is True and off.fits is False
+    assert on.memory.activations < off.memory.activations / 3
+    assert (on.memory.weights, on.memory.gradients, on.memory.optimizer) == \
+        (off.memory.weights, off.memory.gradients, off.memory.optimizer)
+    assert on.flops_per_token == off.flops_per_token  # model FLOPs (MFU convention): the recompute is not counted
+    assert "checkpointed" in on.format() and "fits in 72 GiB" in on.format()
+
+
+def test_smaller_presets_do_not_need_activation_checkpointing():
+    for preset in ("qwen2-0.5b", "qwen2-1.5b"):
+        p = plan(cfg(preset))
+        assert not p.activation_checkpointing and p.fits is True
+
+
+def test_checkpointed_activations_are_layer_inputs_plus_one_layer():
+    a, b = (plan(cfg("qwen2-1.5b", "train.activation_checkpointing=true", f"train.seq_len={s}")).memory.activations
+            for s in (4096, 8192))
+    assert b == pytest.approx(2 * a)  # still linear in tokens
+    deeper = plan(cfg("qwen2-1.5b", "train.activation_checkpointing=true", "model.arch.num_hidden_layers=56"))
+    off = (plan(cfg("qwen2-1.5b", "model.arch.num_hidden_layers=56")).memory.activations
+           - plan(cfg("qwen2-1.5b")).memory.activations)
+    # 28 more layers add 28 layer inputs when checkpointed, 28 whole layers when not
+    assert deeper.memory.activations - a < off / 10
 
 
 def test_flops_per_token_is_six_times_active_plus_attention():

@@ -157,7 +157,10 @@ def test_killed_worker_is_replaced_and_run_continues(store, baseline):
         while not _checkpoints(root, "workerkill") and time.time() < deadline:
             time.sleep(0.5)
         time.sleep(2)
-        workers = [a for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])]
+        import ray
+
+        workers = list_actors(address=ray.get_runtime_context().gcs_address,
+                              filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
         if workers:
             os.kill(workers[-1].pid, signal.SIGKILL)
             killed.append(workers[-1].pid)

@@ -11,7 +11,8 @@ Memory uses the ZeRO paper's accounting (Rajbhandari et al., 2020): per paramete
 + Adam 12 B (fp32 master, m, v); fp32 training 4 + 4 + 8 B. Stage 1 shards the optimizer states over the
 data-parallel ranks, stage 2 also the gradients, stage 3 also the weights. Expert weights are first split over
 ``moe.ep_size`` ranks and their states sharded over the remaining num_workers / ep_size ranks (DeepSpeed-MoE).
-Activations are an estimate for SDPA/flash attention (no T² term) without activation checkpointing; expect ±30 %.
+Activations are an estimate for SDPA/flash attention (no T² term); with ``train.activation_checkpointing`` each decoder
+layer keeps only its input and one layer at a time is recomputed whole. Expect ±30 %.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ class Plan:
     routing: str
     zero_stage: int
     precision: str
+    activation_checkpointing: bool
     data_parallel: int
     grad_accum: int
     ep_size: int
@@ -100,7 +102,8 @@ class Plan:
             f"    weights        {m.weights:8.2f}",
             f"    gradients      {m.gradients:8.2f}",
             f"    optimizer      {m.optimizer:8.2f}",
-            f"    activations    {m.activations:8.2f}",
+            f"    activations    {m.activations:8.2f}"
+            + ("   (checkpointed: layer inputs + one layer)" if self.activation_checkpointing else ""),
             f"    total          {m.total:8.2f}   {verdict}",
             "  total by stage   " + "   ".join(f"ZeRO-{s}: {g:.2f}" for s, g in self.total_gib_by_stage.items()),
         ]
@@ -152,16 +155,23 @@ def _state_gib(params: float, stage: int, precision: str, shards: int) -> tuple[
 
 
 def activation_gib(cfg: Config) -> float:
-    """Saved-for-backward tensors of one micro step on one GPU, without activation checkpointing."""
+    """Saved-for-backward tensors of one micro step on one GPU (peak, in the backward pass)."""
     a, m, t = cfg.model.arch, cfg.moe, cfg.train
     act = 2 if t.precision == "bf16" else 4  # bytes per activation element
     H, I, hd = a.hidden_size, a.intermediate_size, _head_dim(a)
     attn = 4 * H + (a.num_attention_heads + 2 * a.num_key_value_heads) * hd + 2 * a.num_attention_heads * hd
     mlp = 4 * I  # gate, up, act(gate), act(gate)·up
-    # A sparse layer keeps, per chosen expert, the gathered input, the expert's MLP tensors and its weighted output.
-    sparse = attn + experts_per_token(cfg) * (2 * H + mlp) + (mlp if m.shared_expert else 0)
-    per_token = act * ((a.num_hidden_layers - m.layers) * (attn + mlp) + m.layers * sparse)
-    per_token += m.layers * 2 * cfg.num_experts * 4  # fp32 router logits and probabilities
+    dense_layer = act * (attn + mlp)  # bytes per token
+    # A sparse layer keeps, per chosen expert, the gathered input, the expert's MLP tensors and its weighted output,
+    # and the fp32 router logits and probabilities.
+    sparse_layer = act * (attn + experts_per_token(cfg) * (2 * H + mlp) + (mlp if m.shared_expert else 0)) \
+        + 2 * cfg.num_experts * 4
+    n_sparse = m.layers
+    if t.activation_checkpointing:
+        # Every layer's input stays; in the backward pass one layer at a time is recomputed with all its tensors.
+        per_token = a.num_hidden_layers * act * H + max(dense_layer, sparse_layer if n_sparse else 0)
+    else:
+        per_token = (a.num_hidden_layers - n_sparse) * dense_layer + n_sparse * sparse_layer
     per_token += a.vocab_size * (act + 4 + 4)  # logits, their fp32 upcast in the loss, and its gradient
     return per_token * t.micro_batch_size * t.seq_len / GIB
 
@@ -217,6 +227,7 @@ def plan(cfg: Config) -> Plan:
         routing=cfg.moe.routing,
         zero_stage=cfg.train.zero_stage,
         precision=cfg.train.precision,
+        activation_checkpointing=cfg.train.activation_checkpointing,
         data_parallel=cfg.resources.num_workers,
         grad_accum=cfg.train.grad_accum,
         ep_size=cfg.moe.ep_size,

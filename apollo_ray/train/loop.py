@@ -125,6 +125,11 @@ def train_loop_per_worker(config: dict) -> None:
         from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
         groups = split_params_into_different_moe_groups_for_optimizer(groups)
+    if c.get("activation_checkpointing"):
+        # After parallelism, as torchtitan orders it. Non-reentrant (transformers' default), so the sparse layers'
+        # routing outputs keep their gradient; under expert parallelism the recompute repeats the all-to-alls, in
+        # the same layer order on every rank.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     optimizer = torch.optim.AdamW(groups, lr=c["lr"], betas=tuple(c["betas"]), eps=1e-8)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_lambda(s, total_steps, c["warmup_ratio"], c["min_lr_ratio"]))
@@ -178,11 +183,15 @@ def train_loop_per_worker(config: dict) -> None:
             return {}
         engine.eval()
         sums = torch.zeros(len(languages), 2, device=device, dtype=torch.float64)
+        n = len(heldout["input_ids"])
         with torch.no_grad():
-            for i in range(rank, len(heldout["input_ids"]), world):
-                b = batch(heldout, np.array([i]))
+            # Every rank runs the same number of forwards (the last row again, uncounted, where its share runs out):
+            # expert-parallel layers exchange tokens with all-to-all, which a rank that stopped early would hang.
+            for i in range(rank, math.ceil(n / world) * world, world):
+                b = batch(heldout, np.array([min(i, n - 1)]))
                 _, tl, m, _ = forward(b)
-                sums += grouped(tl, m, b["lang_index"], len(languages))
+                if i < n:
+                    sums += grouped(tl, m, b["lang_index"], len(languages))
         dist.all_reduce(sums)
         engine.train()
         out = {f"heldout_loss/{languages[k]}": s / n for k, (s, n) in enumerate(sums.tolist()) if n}

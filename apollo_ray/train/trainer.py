@@ -93,6 +93,7 @@ def run(cfg: Config, qa: str | None = None, callbacks: list | None = None) -> st
             "micro_batch_size": t.micro_batch_size, "grad_accum": t.grad_accum, "lr": t.lr, "betas": list(t.betas),
             "weight_decay": t.weight_decay, "warmup_ratio": t.warmup_ratio, "min_lr_ratio": t.min_lr_ratio,
             "grad_clip": t.grad_clip, "zero_stage": t.zero_stage, "precision": t.precision, "seed": t.seed,
+            "activation_checkpointing": t.activation_checkpointing,
             "max_steps": t.max_steps, "checkpoint_every": t.checkpoint_every, "eval_every": t.eval_every,
             "log_every": t.log_every, "ep_size": cfg.moe.ep_size if cfg.moe.layers else 1,
             "flops_per_token": p.flops_per_token,
