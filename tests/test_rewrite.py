@@ -1,0 +1,316 @@
+"""QA rewriting: prompts, validation rules, the three backends on a local Ray, fault injection, kill-and-rerun."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from apollo_ray import languages as langs
+from apollo_ray.config import SAMPLE_DATA
+from apollo_ray.data import rewrite as rw
+from apollo_ray.data.records import PARAGRAPH, record_id
+from apollo_ray.storage import Manifest, Storage, join
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fake_openai import FakeOpenAI  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------------------------------------------------ helpers
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield ray
+    ray.shutdown()
+
+
+def sample_docs(lang: str, kind: str = "corpus") -> list[dict]:
+    lines = (SAMPLE_DATA / kind / f"{lang}.jsonl").read_text(encoding="utf-8").splitlines()
+    return [json.loads(x) for x in lines if x.strip()]
+
+
+def para(pid: str, text: str, lang: str, kind: str = "encyclopedia", **extra) -> dict:
+    return {"id": pid, "text": text, "language": lang, "declared_language": lang, "language_mismatch": False,
+            "kind": kind, "source": f"test-{kind}", "doc_id": pid, "offset": 0, "n_tokens": len(text) // 4, **extra}
+
+
+def exam(pid: str, question: str, answer: str, lang: str, **fields) -> dict:
+    """An instruction row as collect writes it: text = question + answer, the source record as JSON in ``fields``."""
+    record = {"id": pid, "kind": "exam", "question": question, "answer": answer, **fields}
+    return para(pid, f"{question}\n{answer}", lang, kind="exam", fields=json.dumps(record, ensure_ascii=False))
+
+
+def write_corpus(storage: Storage, rows: list[dict], name: str = "corpus/test", shard_rows: int = 8) -> str:
+    """A collect-style output: PARAGRAPH shards and a manifest, written last."""
+    folder = storage.uri(name)
+    schema = PARAGRAPH
+    shards = []
+    for i in range(0, len(rows), shard_rows):
+        chunk = [{k: r.get(k) for k in schema.names} for r in rows[i:i + shard_rows]]
+        shard = storage.write_parquet(join(folder, f"shard-{i // shard_rows:05d}.parquet"),
+                                      pa.Table.from_pylist(chunk, schema=schema))
+        shards.append(shard.relative_to(folder))
+    storage.write_manifest(folder, Manifest(stage="collect", fingerprint="test", shards=shards,
+                                            counts={"in": len(rows), "kept": len(rows), "dropped": {}}))
+    return folder
+
+
+def read_items(storage: Storage, out: str) -> list[dict]:
+    return [r for t in storage.iter_tables(out) for r in t.to_pylist()]
+
+
+def read_rejects(storage: Storage, out: str) -> list[dict]:
+    m = storage.read_manifest(out)
+    return [r for s in m.extra["rejects"] for r in storage.read_parquet(join(out, s["path"])).to_pylist()]
+
+
+# ------------------------------------------------------------------------------------------------- prompts and rules
+def test_prompts_native_for_majors_and_fallback_for_minors():
+    check = rw.LanguageCheck()
+    assert rw.prompt_versions() == ["v1"]
+    for lang in langs.MAJORS:
+        ps = rw.load_prompts("v1", lang)
+        assert ps.file == lang and not ps.fallback and ps.reply_in is None
+        for step in ("question", "answer", "dialogue"):
+            text = ps.render(step, paragraph="", question="")
+            # written natively: the instructions themselves are detected as the language
+            assert check.mismatch(text, lang) is None, (lang, step)
+        assert ps.leakage and ps.labels["patient"] and "{topic}" in ps.extractive_question
+    sw = rw.load_prompts("v1", "sw")
+    assert sw.fallback and sw.file == "en"
+    for step in ("question", "answer", "dialogue"):
+        text = sw.render(step, paragraph="Malaria ni ugonjwa.", question="Malaria ni nini?")
+        assert text.endswith("Reply in Swahili.") and "in Swahili" in text
+    with pytest.raises(rw.PromptError, match="available versions: v1"):
+        rw.load_prompts("v999", "en")
+
+
+def test_text_rules():
+    zh = rw.load_prompts("v1", "zh")
+    got = rw.parse_dialogue("好的，以下是对话：\n**患者**：我头疼。\n还有点发烧。\n医生：请量体温。\n患者：好的", zh)
+    assert got == [{"role": "user", "content": "我头疼。\n还有点发烧。"}, {"role": "assistant", "content": "请量体温。"}]
+    fr = rw.load_prompts("v1", "fr")
+    assert rw.parse_dialogue("Patient : J'ai mal.\nMédecin : Reposez-vous.", fr)[1]["role"] == "assistant"
+    assert rw.parse_dialogue("Doctor: hello", fr) is None
+    assert rw.topic_phrase("Malaria is a disease. It kills.", (" is ",), lowercase=False) == "Malaria"
+    assert rw.topic_phrase("HIV is a virus.", (" is ",), lowercase=True) == "HIV"
+    assert rw.topic_phrase("疟疾是一种疾病。它很常见。", ("是",)) == "疟疾"
+    assert rw.find_leakage("According to the text, rest helps.", rw.load_prompts("v1", "en").leakage)
+    assert rw.find_leakage("No texto, ver", ["no texto"]) and not rw.find_leakage("no textoide", ["no texto"])
+    assert rw.find_leakage("根据上文，高血压需要治疗。", zh.leakage)
+    assert rw.clean_output('**Question:** "What is malaria?"', ["Question"]) == "What is malaria?"
+
+
+def test_output_folder_follows_semantic_config_only(make_cfg):
+    corpus = Manifest(stage="collect", fingerprint="x")
+    base = rw.output_folder(make_cfg("rewrite.backend=openai"), corpus)
+    operational = ["rewrite.openai.concurrency=300", "rewrite.openai.qps=5", "rewrite.batch_size=64",
+                   "rewrite.actors=4", "rewrite.openai.base_url=http://elsewhere/v1", "rewrite.openai.timeout_s=5",
+                   "rewrite.openai.max_retries=1"]
+    assert rw.output_folder(make_cfg("rewrite.backend=openai", *operational), corpus) == base
+    for semantic in ("rewrite.openai.temperature=0.2", "rewrite.openai.model=gpt-4o", "rewrite.min_answer_chars=10",
+                     "rewrite.backend=extractive"):
+        assert rw.output_folder(make_cfg("rewrite.backend=openai", semantic), corpus) != base, semantic
+    assert rw.output_folder(make_cfg("rewrite.backend=openai"), Manifest(stage="collect", fingerprint="y")) != base
+
+
+# ------------------------------------------------------------------------------------------------ extractive backend
+def test_extractive_multilingual(ray_local, make_cfg):
+    cfg = make_cfg("tracking.enabled=false", "rewrite.backend=extractive", "rewrite.batch_size=4")
+    storage = Storage.from_config(cfg)
+    languages = ("en", "zh", "ar", "hi", "es", "ja", "sw")
+    rows = [para(f"{lang}-p", sample_docs(lang)[0]["text"], lang) for lang in languages]
+    exams = [d for lang in ("en", "zh") for d in sample_docs(lang, "instruct")[:1]]
+    rows += [exam(d["id"], d["question"], d["answer"], lang) for d, lang in zip(exams, ("en", "zh"))]
+    rows.append(exam("mcq", "Which vitamin deficiency causes scurvy?", "(B)", "en", options="(A) D\n(B) C"))
+    rows.append(para("tiny", "Too short.", "en"))
+    out = rw.run(cfg, write_corpus(storage, rows))
+    m = storage.read_manifest(out)
+    assert m.counts == {"in": len(rows), "kept": len(rows) - 1, "dropped": {"answer_too_short": 1}}
+    items = {r["parent_id"]: r for r in read_items(storage, out)}
+    starts = {"en": "What should be known about", "zh": "关于", "ar": "ما الذي ينبغي معرفته عن", "es": "¿Qué se debe",
+              "ja": None, "hi": None, "sw": "Malaria ni ugonjwa"}
+    check = rw.LanguageCheck()
+    for lang, start in starts.items():
+        it = items[f"{lang}-p"]
+        q, a = it["messages"][0]["content"], it["messages"][1]["content"]
+        assert it["language"] == lang and it["backend"] == "extractive"
+        assert it["id"] == record_id(f"{lang}-p", "v1", "extractive", "")
+        assert len(a) >= 32 and check.mismatch(a, lang) is None
+        assert start is None or q.startswith(start), (lang, q)
+    assert items["ja-p"]["messages"][0]["content"].endswith("について知っておくべきことは何ですか？")
+    assert items["hi-p"]["messages"][0]["content"].endswith("के बारे में क्या जानना चाहिए?")
+    for d in exams:  # passed through untouched
+        assert items[d["id"]]["messages"] == [{"role": "user", "content": d["question"]},
+                                              {"role": "assistant", "content": d["answer"]}]
+        assert items[d["id"]]["backend"] == "passthrough"
+    assert items["mcq"]["messages"][0]["content"] == "Which vitamin deficiency causes scurvy?\n(A) D\n(B) C"
+    assert not storage.exists(join(out, "parts"))
+
+
+# ------------------------------------------------------------------------------------- openai backend, fault injection
+def test_openai_faults_counted(ray_local, make_cfg):
+    en, es, zh = sample_docs("en"), sample_docs("es"), sample_docs("zh")
+    rows = [para(f"en-{i}", d["text"], "en") for i, d in enumerate(en[:9])]
+    rows += [para("es-0", es[0]["text"], "es"), para("es-1", es[1]["text"], "es"), para("zh-0", zh[0]["text"], "zh")]
+    dialogue = "Hypertension often has no symptoms. Blood pressure should be measured regularly in adults."
+    rows += [para("dlg-ok", dialogue, "en", kind="dialogue"),
+             para("dlg-long", en[9]["text"] * 3, "en", kind="dialogue"),
+             para("dlg-bad", "Anaemia in pregnancy is common. Iron supplements are usually offered.", "en",
+                  kind="dialogue")]
+    ex = sample_docs("en", "instruct")[0]
+    rows.append(exam("exam-0", ex["question"], ex["answer"], "en"))
+    key = {r["id"]: r["text"][:40] for r in rows}
+    schedule = {"en-0": ["500", "503"], "en-1": ["429"], "en-2": ["timeout"],
+                "en-3": ["ok", "500", "500", "500", "500"],
+                "en-4": ["empty"], "en-5": ["no_choices"], "en-6": ["ok", "short"], "en-7": ["ok", "leak"],
+                "es-1": ["ok", "wrong_lang"], "dlg-bad": ["garbage"]}
+    faults = {key[k]: v for k, v in schedule.items()}
+    with FakeOpenAI(faults=faults, timeout_sleep_s=1.5) as server:
+        cfg = make_cfg("rewrite.backend=openai", f"rewrite.openai.base_url={server.base_url}",
+                       "rewrite.openai.model=fake-medical", "rewrite.openai.timeout_s=0.5",
+                       "rewrite.openai.max_retries=3", "rewrite.openai.backoff_s=0.01", "rewrite.openai.concurrency=8",
+                       "rewrite.openai.qps=200", "rewrite.batch_size=4", "rewrite.max_dialogue_chars=1000")
+        storage = Storage.from_config(cfg)
+        out = rw.run(cfg, write_corpus(storage, rows))
+        assert server.counts["unmatched"] == 0
+    m = storage.read_manifest(out)
+    expected_dropped = {"request_failed": 1, "empty_question": 1, "malformed_response": 1, "answer_too_short": 1,
+                        "leakage": 1, "wrong_language": 1, "dialogue_too_long": 1, "dialogue_unparseable": 1}
+    assert m.counts == {"in": len(rows), "kept": len(rows) - 8, "dropped": expected_dropped}
+    assert m.extra["retry_reasons"] == {"500": 4, "503": 1, "429": 1, "timeout": 1}
+    assert m.extra["retries"] == 7 and m.extra["tokens_in"] > 0 and m.extra["tokens_out"] > 0
+
+    items = {r["parent_id"]: r for r in read_items(storage, out)}
+    assert set(items) == {"en-0", "en-1", "en-2", "en-8", "es-0", "zh-0", "dlg-ok", "exam-0"}
+    for pid in ("en-0", "en-1", "en-2", "en-8", "es-0", "zh-0"):
+        text = rw.normalize(next(r["text"] for r in rows if r["id"] == pid))
+        q, a = (x["content"] for x in items[pid]["messages"])
+        assert a == text and q.rstrip("?？") == rw.sentences(text)[0].rstrip(".。")
+        assert items[pid]["id"] == record_id(pid, "v1", "openai", "fake-medical")
+    assert [x["role"] for x in items["dlg-ok"]["messages"]] == ["user", "assistant"]
+    assert items["dlg-ok"]["messages"][1]["content"] == dialogue
+    assert items["exam-0"]["messages"][0]["content"] == ex["question"]
+
+    rejects = {r["reason"]: r for r in read_rejects(storage, out)}
+    assert rejects["leakage"]["raw"].startswith("According to the text")
+    assert rejects["answer_too_short"]["raw"] == "Yes."
+    assert "InternalServerError" in rejects["request_failed"]["raw"]
+    assert "paragraph en-5" in rejects["malformed_response"]["where"]
+
+    import mlflow
+
+    client = mlflow.MlflowClient(cfg.tracking_uri())
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    run = client.search_runs([exp.experiment_id], "tags.`apollo.stage` = 'rewrite'")[0]
+    assert run.data.metrics["qa_out"] == len(rows) - 8 and run.data.metrics["retries"] == 7
+    assert run.data.metrics["rejected.leakage"] == 1 and run.data.metrics["retries.timeout"] == 1
+
+
+# ------------------------------------------------------------------------------------ kill and rerun (exactly once)
+def test_kill_and_rerun_exactly_once(ray_local, make_cfg, tmp_path):
+    texts = [d["text"] for lang in ("en", "es", "fr") for d in sample_docs(lang)]
+    rows = [para(f"p{i:03d}", texts[i % len(texts)], ("en", "es", "fr")[(i % len(texts)) // 16]) for i in range(40)]
+    with FakeOpenAI(latency_s=0.25) as server:
+        overrides = ["tracking.enabled=false", "rewrite.backend=openai", f"rewrite.openai.base_url={server.base_url}",
+                     "rewrite.openai.model=fake", "rewrite.openai.concurrency=2", "rewrite.batch_size=2"]
+        cfg = make_cfg(*overrides)
+        storage = Storage.from_config(cfg)
+        corpus = write_corpus(storage, rows)
+        out = rw.output_folder(cfg, storage.read_manifest(corpus))
+        parts = Path(join(out, "parts"))
+        script = ("import sys; from apollo_ray import config; from apollo_ray.data import rewrite; "
+                  "rewrite.run(config.resolve({}, sys.argv[2:]), sys.argv[1])")
+        env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+        proc = subprocess.Popen([sys.executable, "-c", script, corpus, f"storage.root={cfg.storage.root}", *overrides],
+                                cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 300
+        while len(list(parts.glob("*.parquet"))) < 3:
+            assert proc.poll() is None and time.time() < deadline, "the rewrite ended before it could be killed"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        # Ray kills the dead driver's actor; once its CPU share is back it can no longer commit anything.
+        deadline = time.time() + 120
+        while ray_local.available_resources().get("CPU", 0) < ray_local.cluster_resources()["CPU"]:
+            assert time.time() < deadline, "the killed job's actor did not go away"
+            time.sleep(0.1)
+        assert not storage.has_manifest(out)
+        committed = rw._parent_ids(storage, str(parts))
+        assert 0 < len(committed) < len(rows)
+        # An overlapping run could commit a paragraph twice; consolidation must keep one record.
+        first = sorted(parts.glob("*.parquet"))[0]
+        shutil.copy(first, parts / "ffff-duplicate.parquet")
+
+        server.latency_s = 0.0
+        before = server.requests
+        assert rw.run(cfg, corpus) == out
+        assert server.requests - before == 2 * (len(rows) - len(committed))  # only the uncommitted were redone
+        items = read_items(storage, out)
+        ids = [r["id"] for r in items]
+        assert len(ids) == len(set(ids)) == len(rows)
+        assert sorted(r["parent_id"] for r in items) == [r["id"] for r in rows]
+        m = storage.read_manifest(out)
+        assert m.counts == {"in": len(rows), "kept": len(rows), "dropped": {}}
+
+        before, created = server.requests, m.created
+        assert rw.run(cfg, corpus) == out  # finished: nothing to do
+        assert server.requests == before and storage.read_manifest(out).created == created
+
+
+# ------------------------------------------------------------------------------------------------------- hf backend
+@pytest.fixture(scope="module")
+def tiny_hf_model(tmp_path_factory) -> str:
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from apollo_ray.model.tiny import train_tokenizer
+
+    path = tmp_path_factory.mktemp("tiny-hf")
+    texts = [d["text"] for lang in ("en", "zh", "es") for d in sample_docs(lang)]
+    tok = train_tokenizer(texts, vocab_size=400, out_dir=path)
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=4096, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id))
+    model.save_pretrained(path)
+    return str(path)
+
+
+def test_hf_backend_actor_pool(ray_local, make_cfg, tiny_hf_model):
+    cfg = make_cfg("tracking.enabled=false", "rewrite.backend=hf", f"rewrite.hf_model={tiny_hf_model}",
+                   "rewrite.hf_max_new_tokens=8", "rewrite.batch_size=4", "rewrite.min_answer_chars=4")
+    storage = Storage.from_config(cfg)
+    rows = [para("en-0", "Malaria is caused by Plasmodium parasites. Mosquitoes transmit it.", "en"),
+            para("en-1", "Hypertension is persistently raised blood pressure. It is often silent.", "en"),
+            para("zh-0", "高血压是一种常见的慢性病。需要长期管理。", "zh"),
+            para("es-0", "El dengue es una infección viral. La transmiten los mosquitos.", "es"),
+            para("dlg-0", "Iron deficiency causes anaemia. Iron tablets are the usual treatment.", "en",
+                 kind="dialogue"),
+            exam("exam-0", "What treats anaphylaxis?",
+                 "Intramuscular adrenaline is the first-line treatment of anaphylaxis.", "en")]
+    out = rw.run(cfg, write_corpus(storage, rows))
+    m = storage.read_manifest(out)
+    c = m.counts
+    assert c["in"] == len(rows) == c["kept"] + sum(c["dropped"].values())
+    items = read_items(storage, out)
+    assert "exam-0" in {r["parent_id"] for r in items}
+    for r in items:
+        assert r["messages"] and all(x["content"] for x in r["messages"])
+    assert set(c["dropped"]) <= {"empty_question", "empty_answer", "answer_too_short", "leakage", "wrong_language",
+                                 "dialogue_unparseable", "empty_output"}
+    assert m.extra["tokens_out"] > 0 and m.extra["semantic"]["model"] == tiny_hf_model
+    assert all(r["raw"] is not None for r in read_rejects(storage, out))
