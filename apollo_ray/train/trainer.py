@@ -107,8 +107,7 @@ def run(cfg: Config, qa: str | None = None, callbacks: list | None = None) -> st
                                          resources_per_worker={"CPU": r.cpus_per_worker,
                                                                **({"GPU": r.gpus_per_worker} if r.use_gpu else {})}),
             run_config=RunConfig(
-                name=t.run_name, storage_path=cfg.uri("checkpoints"),
-                storage_filesystem=_pyarrow_fs(cfg),
+                name=t.run_name, **_ray_storage(cfg, "checkpoints"),
                 checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
                 failure_config=FailureConfig(max_failures=t.max_failures), callbacks=callbacks or None),
         )
@@ -137,6 +136,14 @@ def run(cfg: Config, qa: str | None = None, callbacks: list | None = None) -> st
                    "mlflow_run_id": run_.run_id}))
     log.info("train: model exported to %s", out_uri)
     return out_uri
+
+
+def _ray_storage(cfg: Config, folder: str) -> dict:
+    """``storage_path`` (+ ``storage_filesystem`` for S3 with a custom endpoint) for Ray Train / Tune run configs:
+    given an explicit pyarrow filesystem, Ray wants the path inside it, without the ``s3://`` scheme."""
+    fs = _pyarrow_fs(cfg)
+    uri = cfg.uri(folder)
+    return {"storage_path": uri.split("://", 1)[1], "storage_filesystem": fs} if fs else {"storage_path": uri}
 
 
 def _pyarrow_fs(cfg: Config):

@@ -132,7 +132,7 @@ def run(cfg: Config, qa: str | None = None) -> str:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    from apollo_ray.train.trainer import _pyarrow_fs
+    from apollo_ray.train.trainer import _ray_storage
 
     space = parse_search_space(cfg)
     init_ray()
@@ -147,8 +147,9 @@ def run(cfg: Config, qa: str | None = None) -> str:
     r = cfg.resources
     # The trial function only drives: its TorchTrainer asks for the workers' resources itself.
     trainable = tune.with_resources(run_trial, {"CPU": 0})
-    storage_path, name = cfg.uri("tune"), cfg.tune.name
-    fs = _pyarrow_fs(cfg)
+    name = cfg.tune.name
+    ray_storage = _ray_storage(cfg, "tune")
+    storage_path, fs = ray_storage["storage_path"], ray_storage.get("storage_filesystem")
     with tracker.stage("tune", output=out, section=cfg.tune.model_dump(mode="json")) as sweep_run:
         experiment = f"{storage_path}/{name}"
         if tune.Tuner.can_restore(experiment, storage_filesystem=fs) if fs else tune.Tuner.can_restore(experiment):

@@ -1,0 +1,123 @@
+"""Training throughput of `apollo-ray train` (Ray Train + DeepSpeed, 2 CPU workers) against a plain single-process
+transformers training loop on the same model and rows, in one run.
+
+Prints: tokens/s of both; the plain loop's fraction of the measured fp32 matmul peak; the Post-MoE / dense step-time
+ratio divided by the analytic FLOP ratio (plan.py); and last the apollo / plain throughput ratio (target ≥ 0.85).
+The model is the tiny architecture widened (hidden 256) so that compute, not Python overhead, dominates.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from apollo_ray import config as config_mod  # noqa: E402
+from apollo_ray.model import plan as plan_mod  # noqa: E402
+from apollo_ray.runtime import setup_logging  # noqa: E402
+from apollo_ray.storage import Storage  # noqa: E402
+
+ARCH = ["model.arch.hidden_size=256", "model.arch.intermediate_size=704", "model.arch.num_attention_heads=8",
+        "model.arch.num_key_value_heads=4"]
+
+
+def cfg_for(root: Path, name: str, layers: int, steps: int) -> config_mod.Config:
+    return config_mod.resolve({}, [f"storage.root={root}", f"train.run_name={name}", f"moe.layers={layers}",
+                                   f"train.max_steps={steps}", f"train.checkpoint_every={steps}",
+                                   f"train.eval_every={steps}", "train.micro_batch_size=4", *ARCH])
+
+
+def apollo_tokens_per_s(cfg: config_mod.Config, qa: str) -> tuple[float, float]:
+    from apollo_ray.train import trainer
+
+    out = trainer.run(cfg, qa)
+    m = Storage.from_config(cfg).read_manifest(out)
+    client = mlflow.MlflowClient(cfg.tracking_uri())
+    hist = sorted(client.get_metric_history(m.extra["mlflow_run_id"], "tokens_per_s"), key=lambda x: x.step)
+    # Steps that evaluate or checkpoint include that work; the first includes warm-up: take the steady median.
+    steady = [x.value for x in hist[1:-1]]
+    tps = float(np.median(steady))
+    tokens_per_step = cfg.resources.num_workers * cfg.train.micro_batch_size * cfg.train.seq_len
+    return tps, tokens_per_step / tps
+
+
+def plain_tokens_per_s(cfg: config_mod.Config, steps: int) -> float:
+    """A single process, 2 threads, the same initial weights and packed rows, AdamW: the baseline."""
+    from transformers import AutoModelForCausalLM
+
+    from apollo_ray.train.dataset import read_rows
+
+    torch.set_num_threads(2)
+    storage = Storage.from_config(cfg)
+    mixture = sorted(storage.ls(cfg.uri("mixture")))[-1]
+    rows = read_rows(storage, mixture, "train")
+    init = sorted(p for p in storage.ls(cfg.uri("models")) if "/init-" in p)[-1]
+    model = AutoModelForCausalLM.from_pretrained(init)
+    model.config.use_cache = False
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    b = cfg.resources.num_workers * cfg.train.micro_batch_size
+    times, is_moe = [], model.config.model_type == "apollo_post_moe"
+    for step in range(steps):
+        idx = np.arange(step * b, (step + 1) * b) % len(rows["input_ids"])
+        ids = torch.as_tensor(rows["input_ids"][idx])
+        kw = {"language_ids": torch.as_tensor(rows["language_ids"][idx])} if is_moe else {}
+        t0 = time.perf_counter()
+        out = model(input_ids=ids, position_ids=torch.as_tensor(rows["position_ids"][idx]),
+                    labels=torch.as_tensor(rows["labels"][idx]), use_cache=False, **kw)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t0)
+    return b * cfg.train.seq_len / float(np.median(times[1:]))
+
+
+def matmul_peak(threads: int = 2) -> float:
+    torch.set_num_threads(threads)
+    n = 1024
+    a, c = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(3):
+        a @ c
+    reps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < 2.0:
+        a @ c
+        reps += 1
+    return 2 * n ** 3 * reps / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=12)
+    args = ap.parse_args()
+    setup_logging()
+    from helpers import write_sample_qa
+
+    root = Path(tempfile.mkdtemp(prefix="bench-train-"))
+    moe_cfg = cfg_for(root, "bench-moe", 2, args.steps)
+    dense_cfg = cfg_for(root, "bench-dense", 0, args.steps)
+    qa = write_sample_qa(Storage.from_config(moe_cfg), moe_cfg.uri("qa", "bench"), repeat=4)
+    dense_tps, dense_step = apollo_tokens_per_s(dense_cfg, qa)
+    moe_tps, moe_step = apollo_tokens_per_s(moe_cfg, qa)
+    plain = plain_tokens_per_s(moe_cfg, args.steps)
+    peak = matmul_peak()
+    p_moe, p_dense = plan_mod.plan(moe_cfg), plan_mod.plan(dense_cfg)
+    flop_ratio = p_moe.flops_per_token / p_dense.flops_per_token
+    print(f"apollo-ray train (Ray Train + DeepSpeed, 2 CPU workers, Post-MoE): {moe_tps:.0f} tokens/s")
+    print(f"plain transformers loop (1 process, 2 threads, same model and rows): {plain:.0f} tokens/s")
+    print(f"plain loop fraction of the fp32 matmul peak ({peak / 1e9:.1f} GFLOP/s): "
+          f"{plain * p_moe.flops_per_token / peak:.2f}")
+    print(f"Post-MoE / dense step time {moe_step / dense_step:.3f} vs analytic FLOP ratio {flop_ratio:.3f}: "
+          f"{moe_step / dense_step / flop_ratio:.3f}")
+    print(f"ratio apollo/plain tokens/s: {moe_tps / plain:.3f}")
+
+
+if __name__ == "__main__":
+    main()
