@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -39,7 +40,7 @@ def test_pipeline_submitted_to_a_local_multinode_cluster():
                               "--working-dir", ".", "--runtime-env-json", json.dumps(runtime_env), "--", *args],
                              cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
         assert sub.returncode == 0, sub.stdout[-2000:] + sub.stderr[-3000:]
-        job_id = [w for line in sub.stdout.splitlines() for w in line.split() if w.startswith("raysubmit_")][0]
+        job_id = re.search(r"raysubmit_[A-Za-z0-9]+", sub.stdout + sub.stderr).group(0)
         deadline, status = time.time() + 1800, ""
         while time.time() < deadline:
             st = subprocess.run([ray_bin, "job", "status", "--address", cluster.dashboard_url, job_id], env=env,
@@ -53,7 +54,7 @@ def test_pipeline_submitted_to_a_local_multinode_cluster():
                               capture_output=True, text=True, timeout=120).stdout
         assert "succeeded" in status, status[-2000:] + logs[-6000:]
 
-        result = json.loads(logs[logs.rindex('{\n "corpus"'):logs.rindex("}") + 1])
+        result = json.JSONDecoder().raw_decode(logs[logs.rindex('{\n "corpus"'):])[0]
         st = Storage(ROOT, endpoint_url=env["AWS_ENDPOINT_URL"])
         os.environ.update({k: env[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")})
         for key in ("corpus", "qa", "model", "evaluation", "analysis"):

@@ -119,8 +119,8 @@ def run_trial(params: dict[str, Any]) -> None:
         storage = Storage.from_config(cfg)
         train_metrics = storage.read_manifest(model).extra.get("metrics", {})
         results = storage.read_json(f"{runner.run(cfg, [model])}/results.json")
-        summary = next(iter(results["models"].values()))
-        final = {"major": summary["major"]["mean"], "minor": summary["minor"]["mean"],
+        summary = next(iter(results.values()))  # results.json: {model name: aggregate}
+        final = {"major": summary["major"]["accuracy"], "minor": summary["minor"]["accuracy"],
                  "heldout_loss": train_metrics.get("heldout_loss", float("nan")), "model": model}
         trial_run.log_metrics({k: v for k, v in final.items() if isinstance(v, float) and v == v})
     ray.tune.report(final)
@@ -145,8 +145,9 @@ def run(cfg: Config, qa: str | None = None) -> str:
     tracker = Tracker(cfg)
     base = config_mod.to_dict(cfg)
     r = cfg.resources
-    # The trial function only drives: its TorchTrainer asks for the workers' resources itself.
-    trainable = tune.with_resources(run_trial, {"CPU": 0})
+    # The trial function only drives: its TorchTrainer asks for the workers' resources itself. Ray refuses an empty
+    # request, and any CPU here would be missing for those workers, so the driver reserves a token of memory.
+    trainable = tune.with_resources(run_trial, {"CPU": 0, "memory": 64 * 1024 ** 2})
     name = cfg.tune.name
     ray_storage = _ray_storage(cfg, "tune")
     storage_path, fs = ray_storage["storage_path"], ray_storage.get("storage_filesystem")
