@@ -24,6 +24,7 @@ from apollo_ray import config as config_mod  # noqa: E402
 from apollo_ray.model import plan as plan_mod  # noqa: E402
 from apollo_ray.runtime import setup_logging  # noqa: E402
 from apollo_ray.storage import Storage  # noqa: E402
+from apollo_ray.train.loop import peak_flops  # noqa: E402
 
 ARCH = ["model.arch.hidden_size=256", "model.arch.intermediate_size=704", "model.arch.num_attention_heads=8",
         "model.arch.num_key_value_heads=4"]
@@ -80,19 +81,6 @@ def plain_tokens_per_s(cfg: config_mod.Config, steps: int) -> float:
     return b * cfg.train.seq_len / float(np.median(times[1:]))
 
 
-def matmul_peak(threads: int = 2) -> float:
-    torch.set_num_threads(threads)
-    n = 1024
-    a, c = torch.randn(n, n), torch.randn(n, n)
-    for _ in range(3):
-        a @ c
-    reps, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < 2.0:
-        a @ c
-        reps += 1
-    return 2 * n ** 3 * reps / (time.perf_counter() - t0)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=12)
@@ -107,7 +95,8 @@ def main() -> None:
     dense_tps, dense_step = apollo_tokens_per_s(dense_cfg, qa)
     moe_tps, moe_step = apollo_tokens_per_s(moe_cfg, qa)
     plain = plain_tokens_per_s(moe_cfg, args.steps)
-    peak = matmul_peak()
+    torch.set_num_threads(2)
+    peak = peak_flops(torch.device("cpu"), seconds=2.0)
     p_moe, p_dense = plan_mod.plan(moe_cfg), plan_mod.plan(dense_cfg)
     flop_ratio = p_moe.flops_per_token / p_dense.flops_per_token
     print(f"apollo-ray train (Ray Train + DeepSpeed, 2 CPU workers, Post-MoE): {moe_tps:.0f} tokens/s")

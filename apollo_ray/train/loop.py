@@ -60,7 +60,7 @@ def deepspeed_config(c: dict) -> dict:
     return ds
 
 
-def _peak_flops(device) -> float:
+def peak_flops(device, seconds: float = 0.3) -> float:
     """Peak dense matmul FLOP/s of this worker: the datasheet for known GPUs, a measured fp32 matmul on CPU."""
     import torch
 
@@ -74,7 +74,7 @@ def _peak_flops(device) -> float:
     a, b = torch.randn(n, n), torch.randn(n, n)
     a @ b
     reps, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < 0.3:
+    while time.perf_counter() - t0 < seconds:
         a @ b
         reps += 1
     return 2 * n ** 3 * reps / (time.perf_counter() - t0)
@@ -149,7 +149,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     tracker = _Tracking(c) if rank == 0 else None
     flops_per_token = c["flops_per_token"]
-    peak = _peak_flops(device)
+    peak = peak_flops(device)
 
     def batch(arrays: dict, idx: np.ndarray) -> dict:
         return {k: torch.as_tensor(arrays[k][idx], device=device) for k in
