@@ -244,21 +244,25 @@ def train_loop_per_worker(config: dict) -> None:
             for layer, row in zip(moe_layers, frac.tolist()):
                 metrics.update({f"moe/layer{layer}/expert_{e}": v for e, v in enumerate(row)})
         last = step + 1 == total_steps
-        if (step + 1) % c["eval_every"] == 0 or last or last_heldout is None:
+        evaluated = (step + 1) % c["eval_every"] == 0 or last or last_heldout is None
+        if evaluated:
             held_metrics = evaluate_heldout()
             metrics.update(held_metrics)
             last_heldout = held_metrics.get("heldout_loss")
-        elif last_heldout is not None:
-            # Every report carries the latest held-out loss, so a Tune scheduler can act on any of them.
+        else:
             metrics["heldout_loss"] = last_heldout
         if tracker:
             tracker.log(metrics, step + 1)
             if (step + 1) % c["log_every"] == 0 or last:
                 log.info("step %d/%d loss %.4f lr %.2e %.0f tok/s mfu %.3f", step + 1, total_steps, metrics["loss"],
                          metrics["lr"], tps, metrics["mfu"])
+        # Ray Train hears of the run only where something new happened: a held-out evaluation (what a Tune scheduler
+        # acts on) or a checkpoint. Its controller takes one report per worker every health-check interval (2 s),
+        # and a report made before the previous one was taken blocks the loop, so a report per step would cap
+        # training at one step per 2 s; per-step metrics go straight to MLflow above.
         if (step + 1) % c["checkpoint_every"] == 0 or last:
             _report_with_checkpoint(engine, metrics, step + 1, tokens_seen, rank, last, is_moe)
-        else:
+        elif evaluated:
             ray.train.report({k: v for k, v in metrics.items() if "/" not in k})
 
 

@@ -159,7 +159,7 @@ def run(cfg: Config, qa: str | None = None) -> str:
                                        **({"storage_filesystem": fs} if fs else {}))
         else:
             total_steps = cfg.train.max_steps or 10 ** 6
-            scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=total_steps,
+            scheduler = (ASHAScheduler(time_attr="step", max_t=total_steps,
                                        grace_period=min(cfg.tune.grace_period, total_steps))
                          if cfg.tune.scheduler == "asha" else FIFOScheduler())
             space_with_ctx = {**param_space(space),
