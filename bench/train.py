@@ -3,7 +3,12 @@ transformers training loop on the same model and rows, in one run.
 
 Prints: tokens/s of both; the plain loop's fraction of the measured fp32 matmul peak; the Post-MoE / dense step-time
 ratio divided by the analytic FLOP ratio (plan.py); and last the apollo / plain throughput ratio (target ≥ 0.85).
-The model is the tiny architecture widened (hidden 256) so that compute, not Python overhead, dominates.
+The model is the tiny architecture widened (hidden 256) so that compute, not Python overhead, dominates, and a step
+holds 2 workers x 8 rows x 2 accumulation x 256 = 8,192 tokens for its ~15 M parameters: 5.5e-4 tokens per parameter
+per step, near Apollo's 0.5B run (128 x 4096 tokens, 1.0e-3), where the per-step costs that do not grow with the
+batch (the optimizer step, gradient all-reduce, ZeRO's gather) weigh what they weigh in real training.
+The plain loop is timed before and after the apollo runs and averaged: this machine's speed drifts by ±15 % from
+minute to minute.
 """
 
 from __future__ import annotations
@@ -30,10 +35,11 @@ ARCH = ["model.arch.hidden_size=256", "model.arch.intermediate_size=704", "model
         "model.arch.num_key_value_heads=4"]
 
 
-def cfg_for(root: Path, name: str, layers: int, steps: int) -> config_mod.Config:
+def cfg_for(root: Path, name: str, layers: int, steps: int, micro: int, accum: int) -> config_mod.Config:
     return config_mod.resolve({}, [f"storage.root={root}", f"train.run_name={name}", f"moe.layers={layers}",
                                    f"train.max_steps={steps}", f"train.checkpoint_every={steps}",
-                                   f"train.eval_every={steps}", "train.micro_batch_size=4", *ARCH])
+                                   f"train.eval_every={steps}", f"train.micro_batch_size={micro}",
+                                   f"train.grad_accum={accum}", *ARCH])
 
 
 def apollo_tokens_per_s(cfg: config_mod.Config, qa: str) -> tuple[float, float]:
@@ -46,12 +52,12 @@ def apollo_tokens_per_s(cfg: config_mod.Config, qa: str) -> tuple[float, float]:
     # Steps that evaluate or checkpoint include that work; the first includes warm-up: take the steady median.
     steady = [x.value for x in hist[1:-1]]
     tps = float(np.median(steady))
-    tokens_per_step = cfg.resources.num_workers * cfg.train.micro_batch_size * cfg.train.seq_len
+    tokens_per_step = cfg.resources.num_workers * cfg.train.micro_batch_size * cfg.train.grad_accum * cfg.train.seq_len
     return tps, tokens_per_step / tps
 
 
 def plain_tokens_per_s(cfg: config_mod.Config, steps: int) -> float:
-    """A single process, 2 threads, the same initial weights and packed rows, AdamW: the baseline."""
+    """A single process, 2 threads, the same initial weights, packed rows and accumulation, AdamW: the baseline."""
     from transformers import AutoModelForCausalLM
 
     from apollo_ray.train.dataset import read_rows
@@ -64,43 +70,50 @@ def plain_tokens_per_s(cfg: config_mod.Config, steps: int) -> float:
     model = AutoModelForCausalLM.from_pretrained(init)
     model.config.use_cache = False
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    b = cfg.resources.num_workers * cfg.train.micro_batch_size
+    b, accum = cfg.resources.num_workers * cfg.train.micro_batch_size, cfg.train.grad_accum
     times, is_moe = [], model.config.model_type == "apollo_post_moe"
     for step in range(steps):
-        idx = np.arange(step * b, (step + 1) * b) % len(rows["input_ids"])
-        ids = torch.as_tensor(rows["input_ids"][idx])
-        kw = {"language_ids": torch.as_tensor(rows["language_ids"][idx])} if is_moe else {}
         t0 = time.perf_counter()
-        out = model(input_ids=ids, position_ids=torch.as_tensor(rows["position_ids"][idx]),
-                    labels=torch.as_tensor(rows["labels"][idx]), use_cache=False, **kw)
-        out.loss.backward()
+        for micro in range(accum):
+            first = (step * accum + micro) * b
+            idx = np.arange(first, first + b) % len(rows["input_ids"])
+            kw = {"language_ids": torch.as_tensor(rows["language_ids"][idx])} if is_moe else {}
+            out = model(input_ids=torch.as_tensor(rows["input_ids"][idx]),
+                        position_ids=torch.as_tensor(rows["position_ids"][idx]),
+                        labels=torch.as_tensor(rows["labels"][idx]), use_cache=False, **kw)
+            (out.loss / accum).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t0)
-    return b * cfg.train.seq_len / float(np.median(times[1:]))
+    return b * accum * cfg.train.seq_len / float(np.median(times[1:]))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--micro", type=int, default=8, help="rows per worker per micro step")
+    ap.add_argument("--accum", type=int, default=2, help="micro steps per step")
     args = ap.parse_args()
     setup_logging()
     from helpers import write_sample_qa
 
     root = Path(tempfile.mkdtemp(prefix="bench-train-"))
-    moe_cfg = cfg_for(root, "bench-moe", 2, args.steps)
-    dense_cfg = cfg_for(root, "bench-dense", 0, args.steps)
-    qa = write_sample_qa(Storage.from_config(moe_cfg), moe_cfg.uri("qa", "bench"), repeat=4)
+    moe_cfg = cfg_for(root, "bench-moe", 2, args.steps, args.micro, args.accum)
+    dense_cfg = cfg_for(root, "bench-dense", 0, args.steps, args.micro, args.accum)
+    qa = write_sample_qa(Storage.from_config(moe_cfg), moe_cfg.uri("qa", "bench"), repeat=8)
     dense_tps, dense_step = apollo_tokens_per_s(dense_cfg, qa)
+    plain_before = plain_tokens_per_s(moe_cfg, args.steps)
     moe_tps, moe_step = apollo_tokens_per_s(moe_cfg, qa)
-    plain = plain_tokens_per_s(moe_cfg, args.steps)
+    plain_after = plain_tokens_per_s(moe_cfg, args.steps)
+    plain = (plain_before + plain_after) / 2
     torch.set_num_threads(2)
     peak = peak_flops(torch.device("cpu"), seconds=2.0)
     p_moe, p_dense = plan_mod.plan(moe_cfg), plan_mod.plan(dense_cfg)
     flop_ratio = p_moe.flops_per_token / p_dense.flops_per_token
     print(f"apollo-ray train (Ray Train + DeepSpeed, 2 CPU workers, Post-MoE): {moe_tps:.0f} tokens/s")
-    print(f"plain transformers loop (1 process, 2 threads, same model and rows): {plain:.0f} tokens/s")
+    print(f"plain transformers loop (1 process, 2 threads, same model and rows): {plain:.0f} tokens/s "
+          f"(before {plain_before:.0f}, after {plain_after:.0f})")
     print(f"plain loop fraction of the fp32 matmul peak ({peak / 1e9:.1f} GFLOP/s): "
           f"{plain * p_moe.flops_per_token / peak:.2f}")
     print(f"Post-MoE / dense step time {moe_step / dense_step:.3f} vs analytic FLOP ratio {flop_ratio:.3f}: "

@@ -1,5 +1,6 @@
 """Expert parallelism (ep_size 2) on two Ray Train CPU workers against the same model run without it.
 
+The experts are placed out of order (``PLACEMENT``), so every check also covers the slot <-> expert mapping.
 One TorchTrainer run does every distributed check (a Ray start costs more than the checks) and each rank writes its
 measured errors to ``rank<r>.json``; the tests below read them. Each rank builds the same tiny Post-MoE from a fixed
 seed (4 experts, top-2, hybrid routing, hidden 32, 2 sparse layers, vocab 300) and feeds it its own tokens.
@@ -31,6 +32,7 @@ pytestmark = pytest.mark.slow
 
 EP, E, K, VOCAB, B, T = 2, 4, 2, 300, 2, 12
 LR, CLIP = 0.5, 0.5
+PLACEMENT = [2, 0, 3, 1]  # slot -> expert: rank 0 holds experts 2 and 0, rank 1 experts 3 and 1 (not contiguous)
 FP32 = dict(rtol=1e-5, atol=1e-6)
 _LOCAL = re.compile(r"(?P<block>.+\.experts)\.deepspeed_moe\.experts\.deepspeed_experts\.(?P<local>\d+)\.(?P<rest>.+)")
 
@@ -56,9 +58,9 @@ def _tokens(rank: int) -> dict[str, torch.Tensor]:
 
 
 def _global_name(name: str, rank: int) -> str:
-    """A shard parameter's name in the unsharded model (rank r holds experts [r·E/EP, (r+1)·E/EP))."""
+    """A shard parameter's name in the unsharded model (rank r holds the experts of slots [r·E/EP, (r+1)·E/EP))."""
     m = _LOCAL.fullmatch(name)
-    return name if m is None else f"{m['block']}.{rank * (E // EP) + int(m['local'])}.{m['rest']}"
+    return name if m is None else f"{m['block']}.{PLACEMENT[rank * (E // EP) + int(m['local'])]}.{m['rest']}"
 
 
 def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -98,7 +100,7 @@ def _worker(config: dict) -> None:
 
     # -- forward and backward, no DeepSpeed
     ref = copy.deepcopy(full)
-    ep = expert_parallel(copy.deepcopy(full), EP)
+    ep = expert_parallel(copy.deepcopy(full), EP, PLACEMENT)
     ref_out, ep_out = ref(**batch), ep(**batch)
     ref_out.loss.backward()
     ep_out.loss.backward()
@@ -120,14 +122,14 @@ def _worker(config: dict) -> None:
     ep_grads = {n: p.grad for n, p in ep.named_parameters()}
 
     # -- activation checkpointing recomputes the all-to-alls in the backward pass: same gradients
-    ckpt = expert_parallel(copy.deepcopy(full), EP)
+    ckpt = expert_parallel(copy.deepcopy(full), EP, PLACEMENT)
     ckpt.activation_checkpointing_enable()
     ckpt(**batch).loss.backward()
     r["checkpointed_grad"] = max(_max_diff(p.grad, ep_grads[n]) for n, p in ckpt.named_parameters())
 
     # -- one DeepSpeed ZeRO-1 step each: equal parameters
     ref_engine = _engine(copy.deepcopy(full))
-    ep_engine = _engine(expert_parallel(copy.deepcopy(full), EP))
+    ep_engine = _engine(expert_parallel(copy.deepcopy(full), EP, PLACEMENT))
     r["has_moe_layers"] = [ref_engine.has_moe_layers, ep_engine.has_moe_layers]
     for engine in (ref_engine, ep_engine):
         engine.backward(engine(**batch).loss)
@@ -149,7 +151,7 @@ def _worker(config: dict) -> None:
     r["ds_expert_files"] = len(list((ds_dir / "t").glob("layer_*_expert_*_model_states.pt")))
 
     # -- gather: a freshly sharded model gives back the unsharded state exactly; the trained one saves and reloads
-    fresh = gather_full_state_dict(expert_parallel(copy.deepcopy(full), EP))
+    fresh = gather_full_state_dict(expert_parallel(copy.deepcopy(full), EP, PLACEMENT))
     trained = gather_full_state_dict(ep_engine.module)
     if rank == 0:
         want = full.state_dict()
@@ -167,7 +169,7 @@ def _worker(config: dict) -> None:
 
     # -- ZeRO-3 cannot partition expert-parallel layers: DeepSpeed refuses (the config refuses earlier)
     try:
-        _engine(expert_parallel(copy.deepcopy(full), EP), zero_stage=3)
+        _engine(expert_parallel(copy.deepcopy(full), EP, PLACEMENT), zero_stage=3)
         r["zero3_error"] = None
     except Exception as e:  # noqa: BLE001  the message is what is checked
         r["zero3_error"] = f"{type(e).__name__}: {e}"
@@ -247,3 +249,19 @@ def test_config_refuses_zero3_with_moe(make_cfg):
 
     with pytest.raises(config_mod.ConfigError, match=r"train.zero_stage = 3: ZeRO-3 cannot shard expert-parallel"):
         make_cfg("train.zero_stage=3")
+
+
+def test_balanced_placement_evens_the_known_loads():
+    from apollo_ray.model.parallel import balanced_placement
+
+    load = [900, 800, 50, 40, 30, 20, 10, 5]  # the two busiest experts first: contiguous blocks put both on rank 0
+    placement = balanced_placement(load, 2)
+    assert sorted(placement) == list(range(8))
+    halves = [placement[:4], placement[4:]]
+    assert all(len(h) == 4 for h in halves)
+    per_rank = [sum(load[e] for e in h) for h in halves]
+    assert max(per_rank) / (sum(load) / 2) < 1.07  # contiguous: 1790 / 927.5 = 1.93
+    assert {0, 1} & set(halves[0]) and {0, 1} & set(halves[1])  # the two big experts on different ranks
+    assert balanced_placement([1.0] * 6, 3) == list(range(6))  # equal loads: the identity
+    with pytest.raises(ValueError, match="divide evenly"):
+        balanced_placement(load, 3)

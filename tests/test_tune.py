@@ -64,9 +64,10 @@ def test_outputs_best_fragment_validates_and_plot(tmp_path):
     assert (tmp_path / "tune" / "layers.png").read_bytes()[:4] == b"\x89PNG"
 
 
-SWEEP = ["tune.search_space={moe.routing: {grid: [topk, hybrid]}, moe.layers: {grid: [1]}}",
-         "train.max_steps=3", "train.checkpoint_every=3", "train.eval_every=3", "tune.scheduler=fifo",
-         "moe.ep_size=1", "eval.limit=4", "eval.shots=0"]
+# The default search space (3 routing variants x 2 layer counts) on the tiny preset, trials kept short.
+SWEEP = ["train.max_steps=3", "train.checkpoint_every=3", "train.eval_every=3", "tune.scheduler=fifo",
+         "eval.limit=4", "eval.shots=0"]
+GRID = [(routing, layers) for routing in ("topk", "language", "hybrid") for layers in (1, 2)]
 
 
 def _script(root: Path) -> str:
@@ -102,16 +103,21 @@ def test_sweep_killed_driver_resumes_without_rerunning_finished_trials(tmp_path)
     assert r.returncode == 0, r.stderr[-4000:]
     out = Path([x.split(" ", 1)[1] for x in r.stdout.splitlines() if x.startswith("OUT ")][0])
     table = (out / "results.md").read_text()
-    assert "| topk | 1 |" in table and "| hybrid | 1 |" in table
+    for routing, layers in GRID:
+        assert f"| {routing} | {layers} |" in table, table
     best = yaml.safe_load((out / "best.yaml").read_text())
+    assert (best["moe"]["routing"], best["moe"]["layers"]) in GRID
     config_mod.resolve(best)
+    assert (out / "layers.png").read_bytes()[:4] == b"\x89PNG"
     # MLflow: one sweep parent; every trial exactly once as a finished child run (finished ones were not re-run).
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp = client.get_experiment_by_name("apollo-ray")
     runs = client.search_runs([exp.experiment_id], max_results=500)
     trials = [x for x in runs if x.info.run_name.startswith("trial-") and x.info.status == "FINISHED"]
     ids = [x.data.tags["apollo.trial_id"] for x in trials]
-    assert len(ids) == 2 and len(set(ids)) == 2, ids
+    assert len(ids) == len(GRID) and len(set(ids)) == len(GRID), ids
+    swept = [(x.data.params["cfg.moe.routing"], int(x.data.params["cfg.moe.layers"])) for x in trials]
+    assert sorted(swept) == sorted(GRID)
     sweeps = {x.info.run_id for x in runs if x.info.run_name == "tune"}
     assert all(x.data.tags.get("mlflow.parentRunId") in sweeps for x in trials)
     assert all("major" in x.data.metrics for x in trials)

@@ -10,6 +10,13 @@ ranks of an expert-parallel group:
 
 There is no capacity: every token reaches its experts whatever the load, so results do not depend on ep_size.
 
+Placement: rank r holds the experts of *slots* [r·L, (r+1)·L) (L = E/ep_size), and a permutation ``placement`` says
+which expert sits in each slot (default: the identity, contiguous blocks). The rank holding the busiest experts sets
+the pace of every all-to-all, so the trainer balances the known part of the load — under language and hybrid routing
+each token's own language expert — with :func:`balanced_placement`. DeepSpeed's checkpoint files number experts by
+slot; the placement is a function of the training rows, so a resumed run finds the same one, and
+``gather_full_state_dict`` puts each expert back under its own id.
+
 The exchange is ``all_to_all_single`` with uneven split sizes, wrapped in an autograd function whose backward is the
 reverse all-to-all. gloo implements uneven (and empty) splits on CPU, NCCL on GPU, so no padded all-gather is needed.
 Only per-expert counts travel ahead of the rows, not a per-row expert id: each source sends its rows sorted by
@@ -47,6 +54,26 @@ from apollo_ray.model.post_moe import PostMoEBlock, PostMoEForCausalLM
 # A shard's tensors as DeepSpeed lays them out: <block>.experts.deepspeed_moe.experts.deepspeed_experts.<local id>.<rest>
 _SHARD_PARAM = re.compile(
     r"(?P<block>.+)\.experts\.deepspeed_moe\.experts\.deepspeed_experts\.(?P<local>\d+)\.(?P<rest>.+)")
+
+
+def balanced_placement(load: list[float], ep_size: int) -> list[int]:
+    """A placement (slot -> expert) giving every rank E/ep_size experts and loads as even as greedy can: experts by
+    decreasing load, each to the least-loaded rank with a free slot (LPT). Each rank's experts in ascending order;
+    the identity (contiguous blocks) when it is already as even."""
+    E = len(load)
+    if ep_size < 1 or E % ep_size:
+        raise ValueError(f"ep_size {ep_size}: the {E} experts must divide evenly")
+    per_rank = E // ep_size
+    ranks: list[list[int]] = [[] for _ in range(ep_size)]
+    totals = [0.0] * ep_size
+    for e in sorted(range(E), key=lambda e: (-load[e], e)):
+        r = min((r for r in range(ep_size) if len(ranks[r]) < per_rank), key=lambda r: (totals[r], r))
+        ranks[r].append(e)
+        totals[r] += load[e]
+    contiguous = max(sum(load[r * per_rank:(r + 1) * per_rank]) for r in range(ep_size))
+    if contiguous <= max(totals):
+        return list(range(E))
+    return [e for experts in ranks for e in sorted(experts)]
 
 
 def group_name(ep_size: int) -> str:
@@ -93,7 +120,7 @@ class ExpertShard(MoE):
         self.num_experts = num_experts
         self.ep_size = ep_size
         self.num_local_experts = len(experts)
-        self.ep_rank = ep_rank  # local expert i is global expert ep_rank · num_local_experts + i
+        self.ep_rank = ep_rank  # local expert i sits in slot ep_rank · num_local_experts + i (DeepSpeed's global id)
         self.expert_group_name = group_name(ep_size)
         self.enable_expert_tensor_parallelism = False
         self.use_residual = False
@@ -124,14 +151,19 @@ class ExpertShard(MoE):
 class ExpertParallelMoEBlock(PostMoEBlock):
     """A PostMoEBlock whose experts are spread over an expert-parallel group; routing is unchanged (replicated)."""
 
-    def __init__(self, block: PostMoEBlock, group: dist.ProcessGroup, ep_size: int, ep_rank: int):
+    def __init__(self, block: PostMoEBlock, group: dist.ProcessGroup, ep_size: int, ep_rank: int,
+                 placement: list[int]):
         nn.Module.__init__(self)
         self.config = block.config
         self.router = block.router
         E = block.config.num_experts
         per_rank = E // ep_size
-        self.experts = ExpertShard(list(block.experts)[ep_rank * per_rank:(ep_rank + 1) * per_rank], E, ep_size,
-                                   ep_rank)
+        self.placement = list(placement)  # slot -> expert
+        self.experts = ExpertShard([block.experts[e] for e in placement[ep_rank * per_rank:(ep_rank + 1) * per_rank]],
+                                   E, ep_size, ep_rank)
+        # expert -> slot, prefixed for the empty assignment (-1 -> -1); not part of the state dict
+        self.register_buffer("_slot", torch.tensor([-1] + _inverse(torch.tensor(placement)).tolist()),
+                             persistent=False)
         self.shared_expert = block.shared_expert
         self.shared_expert_gate = block.shared_expert_gate
         self.ep_group = group
@@ -141,8 +173,8 @@ class ExpertParallelMoEBlock(PostMoEBlock):
         """Σ_k w_k · expert_k(x) with the experts on other ranks: dropless all-to-all there and back."""
         E, K, P = self.config.num_experts, ids_NK.shape[1], self.ep_size
         L = self.experts.num_local_experts  # experts per rank
-        ids_A = ids_NK.reshape(-1)  # A = N·K assignments
-        # Sorted by expert is also sorted by destination rank: rank p holds experts [p·L, (p+1)·L).
+        ids_A = self._slot[ids_NK.reshape(-1) + 1]  # A = N·K assignments, as slots (-1 stays -1)
+        # Sorted by slot is also sorted by destination rank: rank p holds slots [p·L, (p+1)·L).
         order_A = ids_A.argsort(stable=True)
         counts = torch.bincount(ids_A + 1, minlength=E + 1)  # [0] = empty slots (-1, language routing)
         sent_E = counts[1:]
@@ -176,12 +208,13 @@ def _inverse(perm: torch.Tensor) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------------------------ apply
-def expert_parallel(model: PostMoEForCausalLM, ep_size: int) -> PostMoEForCausalLM:
+def expert_parallel(model: PostMoEForCausalLM, ep_size: int,
+                    placement: list[int] | None = None) -> PostMoEForCausalLM:
     """Shard the experts of every sparse block over ``ep_size`` ranks (in place; returns ``model``).
 
     Collective: every rank calls it, after ``torch.distributed`` is initialised and before ``deepspeed.initialize``,
-    on identical weights (every rank loaded the same checkpoint). Rank r of an expert-parallel group keeps experts
-    [r·E/ep_size, (r+1)·E/ep_size).
+    on identical weights (every rank loaded the same checkpoint) and with the same ``placement``. Rank r of an
+    expert-parallel group keeps the experts ``placement[r·E/ep_size : (r+1)·E/ep_size]`` (default: the identity).
     """
     import deepspeed
     from deepspeed.utils import groups
@@ -191,6 +224,9 @@ def expert_parallel(model: PostMoEForCausalLM, ep_size: int) -> PostMoEForCausal
     E = model.config.num_experts
     if ep_size < 1 or E % ep_size:
         raise ValueError(f"ep_size {ep_size}: the {E} experts per sparse layer must divide evenly")
+    placement = list(range(E)) if placement is None else [int(e) for e in placement]
+    if sorted(placement) != list(range(E)):
+        raise ValueError(f"placement {placement} is not a permutation of the {E} experts")
     if ep_size == 1:
         model._apollo_ep_size = 1
         return model
@@ -209,7 +245,7 @@ def expert_parallel(model: PostMoEForCausalLM, ep_size: int) -> PostMoEForCausal
 
     for layer in model.model.layers:
         if isinstance(layer.mlp, PostMoEBlock):
-            layer.mlp = ExpertParallelMoEBlock(layer.mlp, group, ep_size, ep_rank)  # the other experts are freed
+            layer.mlp = ExpertParallelMoEBlock(layer.mlp, group, ep_size, ep_rank, placement)  # others are freed
     model._apollo_ep_size = ep_size
     return model
 
@@ -242,7 +278,7 @@ def gather_full_state_dict(model: PostMoEForCausalLM) -> dict[str, torch.Tensor]
             if rank == 0:
                 for p, part in enumerate(parts):
                     for i in range(L):
-                        state[f"{prefix}.experts.{p * L + i}.{key}"] = part[i]
+                        state[f"{prefix}.experts.{module.placement[p * L + i]}.{key}"] = part[i]
     return state if rank == 0 else None
 
 

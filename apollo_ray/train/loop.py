@@ -118,9 +118,20 @@ def train_loop_per_worker(config: dict) -> None:
     is_moe = getattr(model_cfg, "model_type", "") == "apollo_post_moe"
     groups = param_groups(model, c["weight_decay"])
     if is_moe and c["ep_size"] > 1:
-        from apollo_ray.model.parallel import expert_parallel
+        from apollo_ray.model.parallel import balanced_placement, expert_parallel
 
-        expert_parallel(model, c["ep_size"])
+        placement = None
+        if model_cfg.routing in ("language", "hybrid"):
+            # Every token visits its language's expert: balance those known loads over the ranks (from all the
+            # training rows, so every rank — and a resumed run — computes the same placement).
+            lang = train["language_ids"]
+            load = np.bincount(lang[lang >= 0].astype(np.int64), minlength=model_cfg.num_experts)
+            placement = balanced_placement(load.tolist(), c["ep_size"])
+            if rank == 0:
+                log.info("expert placement (slot -> expert) %s: language-expert tokens per rank %s", placement,
+                         [int(load[placement[i:i + len(load) // c["ep_size"]]].sum())
+                          for i in range(0, len(load), len(load) // c["ep_size"])])
+        expert_parallel(model, c["ep_size"], placement)
         groups = param_groups(model, c["weight_decay"])
         from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
@@ -159,9 +170,11 @@ def train_loop_per_worker(config: dict) -> None:
         kwargs = {"language_ids": b["language_ids"]} if is_moe else {}
         out = engine(input_ids=b["input_ids"], position_ids=b["position_ids"], attention_mask=None, use_cache=False,
                      **kwargs)
-        logits = out.logits[:, :-1].float()
-        target = b["labels"][:, 1:]
-        tok_loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1),
+        # Shift the labels, not the logits: position t predicts label t+1, the last position predicts nothing
+        # (-100). Slicing the logits instead would copy the largest activation of the step.
+        target = torch.nn.functional.pad(b["labels"][:, 1:], (0, 1), value=-100)
+        logits = out.logits.float()
+        tok_loss = torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), target.reshape(-1),
                                                      ignore_index=-100, reduction="none").view_as(target)
         mask = target != -100
         loss = tok_loss.sum() / mask.sum().clamp(min=1)
@@ -172,7 +185,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     def grouped(tok_loss, mask, index, n) -> torch.Tensor:
         """[n, 2] (loss sum, token count) per group of the shifted targets."""
-        idx = index[:, 1:][mask].long()
+        idx = torch.nn.functional.pad(index[:, 1:], (0, 1), value=-1)[mask].long()
         sums = torch.zeros(n, 2, device=device, dtype=torch.float64)
         sums[:, 0].index_add_(0, idx, tok_loss[mask].double())
         sums[:, 1].index_add_(0, idx, torch.ones_like(idx, dtype=torch.float64))
@@ -223,10 +236,14 @@ def train_loop_per_worker(config: dict) -> None:
                 counts = out.router_stats.tokens_per_expert.detach().double()
                 expert_counts = counts if expert_counts is None else expert_counts + counts
                 moe_layers = out.router_stats.moe_layers
+        # Every sum of the step in one all-reduce: per language, per kind, totals, and tokens per expert.
         totals = torch.cat([lang_sums.sum(0), torch.tensor([step_tokens], device=device, dtype=torch.float64)])
-        dist.all_reduce(lang_sums)
-        dist.all_reduce(kind_sums)
-        dist.all_reduce(totals)
+        parts = [lang_sums, kind_sums, totals] + ([expert_counts] if expert_counts is not None else [])
+        flat = torch.cat([t.reshape(-1) for t in parts])
+        dist.all_reduce(flat)
+        lang_sums, kind_sums, totals, *rest = (v.view_as(t) for v, t in zip(flat.split([t.numel() for t in parts]),
+                                                                             parts))
+        expert_counts = rest[0] if rest else None
         tokens_seen += int(totals[2].item())
         now = time.perf_counter()
         dt, t_last = now - t_last, now
@@ -239,7 +256,6 @@ def train_loop_per_worker(config: dict) -> None:
         metrics.update({f"loss/{languages[k]}": s / n for k, (s, n) in enumerate(lang_sums.tolist()) if n})
         metrics.update({f"loss_kind/{kinds[k]}": s / n for k, (s, n) in enumerate(kind_sums.tolist()) if n})
         if expert_counts is not None:
-            dist.all_reduce(expert_counts)
             frac = expert_counts / expert_counts.sum(-1, keepdim=True).clamp(min=1)
             for layer, row in zip(moe_layers, frac.tolist()):
                 metrics.update({f"moe/layer{layer}/expert_{e}": v for e, v in enumerate(row)})
@@ -261,6 +277,8 @@ def train_loop_per_worker(config: dict) -> None:
         # and a report made before the previous one was taken blocks the loop, so a report per step would cap
         # training at one step per 2 s; per-step metrics go straight to MLflow above.
         if (step + 1) % c["checkpoint_every"] == 0 or last:
+            if tracker:
+                tracker.flush()  # a checkpoint's metrics are in MLflow before the checkpoint exists
             _report_with_checkpoint(engine, metrics, step + 1, tokens_seen, rank, last, is_moe)
         elif evaluated:
             ray.train.report({k: v for k, v in metrics.items() if "/" not in k})
@@ -300,26 +318,52 @@ def _export_hf(engine, out: Path, rank: int, is_moe: bool) -> None:
 
 
 class _Tracking:
-    """Rank 0 logs step metrics straight to MLflow (the driver only sees what ``ray.train.report`` forwards)."""
+    """Rank 0 logs step metrics straight to MLflow (the driver only sees what ``ray.train.report`` forwards).
+
+    From a background thread: a remote tracking server's round trip (or a sqlite commit) would otherwise stall
+    rank 0 every step, and with it every rank at the next collective. ``flush`` waits for what was queued.
+    """
 
     def __init__(self, c: dict):
+        import queue
+        import threading
+
         self.run_id = c.get("mlflow_run_id")
         self.client = None
         if self.run_id:
             import mlflow
 
             self.client = mlflow.MlflowClient(c["tracking_uri"])
-        self.buffer: list = []
+        self.queue: queue.Queue = queue.Queue()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._drain, name="apollo-mlflow", daemon=True)
+        self.thread.start()
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        if not self.client:
-            return
+        if self.error:
+            raise RuntimeError("logging metrics to MLflow failed") from self.error
+        if self.client:
+            self.queue.put((dict(metrics), step, int(time.time() * 1000)))
+
+    def flush(self) -> None:
+        self.queue.join()
+        if self.error:
+            raise RuntimeError("logging metrics to MLflow failed") from self.error
+
+    def _drain(self) -> None:
         from mlflow.entities import Metric
 
-        ts = int(time.time() * 1000)
-        items = [Metric(k, float(v), ts, step) for k, v in metrics.items() if v is not None and math.isfinite(v)]
-        for i in range(0, len(items), 1000):
-            self.client.log_batch(self.run_id, metrics=items[i:i + 1000])
+        while True:
+            metrics, step, ts = self.queue.get()
+            try:
+                items = [Metric(k, float(v), ts, step) for k, v in metrics.items()
+                         if v is not None and math.isfinite(v)]
+                for i in range(0, len(items), 1000):
+                    self.client.log_batch(self.run_id, metrics=items[i:i + 1000])
+            except BaseException as e:  # surfaced on the training thread by the next log/flush
+                self.error = e
+            finally:
+                self.queue.task_done()
 
 
 if os.environ.get("APOLLO_TRAIN_DEBUG"):
