@@ -35,8 +35,9 @@ ARCH = ["model.arch.hidden_size=256", "model.arch.intermediate_size=704", "model
         "model.arch.num_key_value_heads=4"]
 
 
-def cfg_for(root: Path, name: str, layers: int, steps: int, micro: int, accum: int) -> config_mod.Config:
+def cfg_for(root: Path, name: str, layers: int, steps: int, micro: int, accum: int, ep: int = 2) -> config_mod.Config:
     return config_mod.resolve({}, [f"storage.root={root}", f"train.run_name={name}", f"moe.layers={layers}",
+                                   f"moe.ep_size={ep}",
                                    f"train.max_steps={steps}", f"train.checkpoint_every={steps}",
                                    f"train.eval_every={steps}", f"train.micro_batch_size={micro}",
                                    f"train.grad_accum={accum}", *ARCH])
@@ -94,12 +95,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--micro", type=int, default=8, help="rows per worker per micro step")
     ap.add_argument("--accum", type=int, default=2, help="micro steps per step")
+    ap.add_argument("--ep", type=int, default=2, help="moe.ep_size of the apollo run")
     args = ap.parse_args()
     setup_logging()
     from helpers import write_sample_qa
 
     root = Path(tempfile.mkdtemp(prefix="bench-train-"))
-    moe_cfg = cfg_for(root, "bench-moe", 2, args.steps, args.micro, args.accum)
+    moe_cfg = cfg_for(root, "bench-moe", 2, args.steps, args.micro, args.accum, args.ep)
     dense_cfg = cfg_for(root, "bench-dense", 0, args.steps, args.micro, args.accum)
     qa = write_sample_qa(Storage.from_config(moe_cfg), moe_cfg.uri("qa", "bench"), repeat=8)
     dense_tps, dense_step = apollo_tokens_per_s(dense_cfg, qa)
