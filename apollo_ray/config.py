@@ -201,7 +201,8 @@ class TrainConfig(Section):
     seed: int = 42
     checkpoint_every: int = Field(20, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
-    eval_every: int = Field(20, ge=1)
+    eval_every: int = Field(20, ge=1, description="held-out loss every N steps; also when the workers report to Ray "
+                                                  "Train (and so to a Tune scheduler), besides checkpoints")
     log_every: int = Field(1, ge=1)
     max_failures: int = Field(2, ge=0)
 

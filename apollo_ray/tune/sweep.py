@@ -249,6 +249,7 @@ def layers_plot(rows: list[dict]) -> bytes:
         ax.plot(xs, [100 * p[1] for p in pts], "-o", color=color, label=f"{v} Major")
         if any(p[2] is not None for p in pts):
             ax.plot(xs, [100 * (p[2] or 0) for p in pts], "--s", color=color, label=f"{v} Minor")
+    ax.set_xticks(sorted({r["moe.layers"] for r in rows}))  # layer counts are integers
     ax.set_xlabel("Post-MoE layers (last N)")
     ax.set_ylabel("accuracy (%)")
     ax.legend(fontsize=8)
