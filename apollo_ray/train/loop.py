@@ -260,7 +260,8 @@ def train_loop_per_worker(config: dict) -> None:
             for layer, row in zip(moe_layers, frac.tolist()):
                 metrics.update({f"moe/layer{layer}/expert_{e}": v for e, v in enumerate(row)})
         last = step + 1 == total_steps
-        evaluated = (step + 1) % c["eval_every"] == 0 or last or last_heldout is None
+        # Also on a run's (or a resumed run's) first step, so every report carries a held-out loss.
+        evaluated = (step + 1) % c["eval_every"] == 0 or last or step == start_step
         if evaluated:
             held_metrics = evaluate_heldout()
             metrics.update(held_metrics)
