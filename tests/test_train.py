@@ -174,3 +174,22 @@ def test_killed_worker_is_replaced_and_run_continues(store, baseline):
     t.join(timeout=5)
     assert killed, "no worker was killed: the run finished before its first checkpoint"
     _assert_same_weights(out, baseline[1])
+
+
+def test_metric_logging_failure_reaches_the_training_thread(tmp_path):
+    """Rank 0 logs to MLflow from a background thread; a failure there must not vanish with the thread."""
+    from apollo_ray.train.loop import _Tracking
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    run = client.create_run(client.create_experiment("t"))
+    ok = _Tracking({"mlflow_run_id": run.info.run_id, "tracking_uri": uri})
+    for step in (1, 2):
+        ok.log({"loss": 1.0 / step, "nan": float("nan"), "none": None}, step)
+    ok.flush()
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "loss")] == [1.0, 0.5]
+    assert not client.get_metric_history(run.info.run_id, "nan")  # non-finite values are left out, not an error
+    bad = _Tracking({"mlflow_run_id": "no-such-run", "tracking_uri": uri})
+    bad.log({"loss": 1.0}, 1)
+    with pytest.raises(RuntimeError, match="logging metrics to MLflow failed"):
+        bad.flush()

@@ -128,9 +128,9 @@ def train_loop_per_worker(config: dict) -> None:
             load = np.bincount(lang[lang >= 0].astype(np.int64), minlength=model_cfg.num_experts)
             placement = balanced_placement(load.tolist(), c["ep_size"])
             if rank == 0:
+                per_rank = np.asarray(load)[placement].reshape(c["ep_size"], -1).sum(1)
                 log.info("expert placement (slot -> expert) %s: language-expert tokens per rank %s", placement,
-                         [int(load[placement[i:i + len(load) // c["ep_size"]]].sum())
-                          for i in range(0, len(load), len(load) // c["ep_size"])])
+                         per_rank.tolist())
         expert_parallel(model, c["ep_size"], placement)
         groups = param_groups(model, c["weight_decay"])
         from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
@@ -337,8 +337,8 @@ class _Tracking:
             self.client = mlflow.MlflowClient(c["tracking_uri"])
         self.queue: queue.Queue = queue.Queue()
         self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._drain, name="apollo-mlflow", daemon=True)
-        self.thread.start()
+        if self.client:
+            threading.Thread(target=self._drain, name="apollo-mlflow", daemon=True).start()
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         if self.error:
