@@ -43,18 +43,22 @@ def cfg_for(root: Path, name: str, layers: int, steps: int, micro: int, accum: i
                                    f"train.grad_accum={accum}", *ARCH])
 
 
-def apollo_tokens_per_s(cfg: config_mod.Config, qa: str) -> tuple[float, float]:
+def apollo_tokens_per_s(cfg: config_mod.Config, qa: str) -> tuple[float, float, float]:
+    """(median tokens/s, seconds per step, mean EP imbalance over the sparse layers — NaN without EP)."""
     from apollo_ray.train import trainer
 
     out = trainer.run(cfg, qa)
     m = Storage.from_config(cfg).read_manifest(out)
     client = mlflow.MlflowClient(cfg.tracking_uri())
-    hist = sorted(client.get_metric_history(m.extra["mlflow_run_id"], "tokens_per_s"), key=lambda x: x.step)
-    # Steps that evaluate or checkpoint include that work; the first includes warm-up: take the steady median.
+    run = client.get_run(m.extra["mlflow_run_id"])
+    hist = sorted(client.get_metric_history(run.info.run_id, "tokens_per_s"), key=lambda x: x.step)
+    # The first step includes warm-up, the last the export: the median of the steps between.
     steady = [x.value for x in hist[1:-1]]
     tps = float(np.median(steady))
     tokens_per_step = cfg.resources.num_workers * cfg.train.micro_batch_size * cfg.train.grad_accum * cfg.train.seq_len
-    return tps, tokens_per_step / tps
+    imbalance = [x.value for k in run.data.metrics if k.endswith("/ep_imbalance")
+                 for x in client.get_metric_history(run.info.run_id, k)]
+    return tps, tokens_per_step / tps, float(np.mean(imbalance)) if imbalance else float("nan")
 
 
 def plain_tokens_per_s(cfg: config_mod.Config, steps: int) -> float:
@@ -104,9 +108,9 @@ def main() -> None:
     moe_cfg = cfg_for(root, "bench-moe", 2, args.steps, args.micro, args.accum, args.ep)
     dense_cfg = cfg_for(root, "bench-dense", 0, args.steps, args.micro, args.accum)
     qa = write_sample_qa(Storage.from_config(moe_cfg), moe_cfg.uri("qa", "bench"), repeat=8)
-    dense_tps, dense_step = apollo_tokens_per_s(dense_cfg, qa)
+    dense_tps, dense_step, _ = apollo_tokens_per_s(dense_cfg, qa)
     plain_before = plain_tokens_per_s(moe_cfg, args.steps)
-    moe_tps, moe_step = apollo_tokens_per_s(moe_cfg, qa)
+    moe_tps, moe_step, imbalance = apollo_tokens_per_s(moe_cfg, qa)
     plain_after = plain_tokens_per_s(moe_cfg, args.steps)
     plain = (plain_before + plain_after) / 2
     torch.set_num_threads(2)
@@ -120,6 +124,8 @@ def main() -> None:
           f"{plain * p_moe.flops_per_token / peak:.2f}")
     print(f"Post-MoE / dense step time {moe_step / dense_step:.3f} vs analytic FLOP ratio {flop_ratio:.3f}: "
           f"{moe_step / dense_step / flop_ratio:.3f}")
+    print(f"expert-parallel imbalance (busiest rank's expert tokens / mean rank's), mean over steps and layers: "
+          f"{imbalance:.3f}")
     print(f"ratio apollo/plain tokens/s: {moe_tps / plain:.3f}")
 
 

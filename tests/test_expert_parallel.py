@@ -265,3 +265,14 @@ def test_balanced_placement_evens_the_known_loads():
     assert balanced_placement([1.0] * 6, 3) == list(range(6))  # equal loads: the identity
     with pytest.raises(ValueError, match="divide evenly"):
         balanced_placement(load, 3)
+
+
+def test_ep_imbalance_is_the_busiest_rank_over_the_mean():
+    from apollo_ray.model.parallel import ep_imbalance
+
+    counts = torch.tensor([[30.0, 10.0, 0.0, 20.0],   # contiguous ranks: 40 | 20 -> 40 / 30
+                           [5.0, 5.0, 5.0, 5.0]])     # even
+    assert ep_imbalance(counts, [0, 1, 2, 3], 2).tolist() == pytest.approx([4 / 3, 1.0])
+    # the placement decides which experts share a rank: {0, 2} | {1, 3} -> 30 | 30
+    assert ep_imbalance(counts, [0, 2, 1, 3], 2).tolist() == pytest.approx([1.0, 1.0])
+    assert ep_imbalance(torch.tensor([[8.0, 0.0, 0.0, 0.0]]), [0, 1, 2, 3], 4).item() == pytest.approx(4.0)

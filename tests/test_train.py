@@ -104,6 +104,9 @@ def test_trains_post_moe_exports_and_tracks(baseline):
               "loss_kind/exam", "loss_kind/encyclopedia", "moe/layer2/expert_0", "mixture/fill"):
         assert k in keys, k
     assert run.data.metrics["mixture/fill"] >= 0.99
+    for layer in (2, 3):  # ep_size 2: the busiest rank's share of expert tokens, relative to an even split
+        imbalance = [m.value for m in client.get_metric_history(run.info.run_id, f"moe/layer{layer}/ep_imbalance")]
+        assert len(imbalance) == STEPS and all(1.0 <= v <= 2.0 for v in imbalance), imbalance
     lr = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "lr"), key=lambda m: m.step)]
     assert lr[0] < max(lr) or lr[0] == max(lr)  # warmup then cosine decay
     assert lr[-1] < max(lr)

@@ -76,6 +76,14 @@ def balanced_placement(load: list[float], ep_size: int) -> list[int]:
     return [e for experts in ranks for e in sorted(experts)]
 
 
+def ep_imbalance(tokens_per_expert: torch.Tensor, placement: list[int], ep_size: int) -> torch.Tensor:
+    """Per sparse layer, the busiest expert-parallel rank's expert tokens over the mean rank's (1 = even; ep_size =
+    every token on one rank). ``tokens_per_expert``: [layers, E] counts by expert id; ``placement``: slot -> expert.
+    Every all-to-all waits for its busiest rank, so this is the factor by which expert compute stretches a step."""
+    per_rank = tokens_per_expert[:, placement].reshape(tokens_per_expert.shape[0], ep_size, -1).sum(-1)
+    return per_rank.max(-1).values / per_rank.mean(-1).clamp(min=1e-12)
+
+
 def group_name(ep_size: int) -> str:
     """DeepSpeed's name for the expert-parallel and expert-data-parallel groups of this size (its MoE layer's too)."""
     return f"ep_size_{ep_size}"

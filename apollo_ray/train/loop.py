@@ -117,10 +117,11 @@ def train_loop_per_worker(config: dict) -> None:
     model_cfg = model.config
     is_moe = getattr(model_cfg, "model_type", "") == "apollo_post_moe"
     groups = param_groups(model, c["weight_decay"])
+    placement: list[int] | None = None  # slot -> expert, under expert parallelism
     if is_moe and c["ep_size"] > 1:
         from apollo_ray.model.parallel import balanced_placement, expert_parallel
 
-        placement = None
+        placement = list(range(model_cfg.num_experts))
         if model_cfg.routing in ("language", "hybrid"):
             # Every token visits its language's expert: balance those known loads over the ranks (from all the
             # training rows, so every rank — and a resumed run — computes the same placement).
@@ -214,8 +215,9 @@ def train_loop_per_worker(config: dict) -> None:
 
     engine.train()
     last_heldout: float | None = None
-    t_last = time.perf_counter()
     for step in range(start_step, total_steps):
+        # A step's time is its training work: held-out evaluations and checkpoints after it are not counted.
+        t_start = time.perf_counter()
         lang_sums = torch.zeros(len(languages), 2, device=device, dtype=torch.float64)
         kind_sums = torch.zeros(len(kinds), 2, device=device, dtype=torch.float64)
         expert_counts: torch.Tensor | None = None  # [moe layers, experts]
@@ -245,9 +247,7 @@ def train_loop_per_worker(config: dict) -> None:
                                                                              parts))
         expert_counts = rest[0] if rest else None
         tokens_seen += int(totals[2].item())
-        now = time.perf_counter()
-        dt, t_last = now - t_last, now
-        tps = totals[2].item() / dt
+        tps = totals[2].item() / (time.perf_counter() - t_start)
         metrics: dict[str, float] = {
             "step": step + 1, "loss": (totals[0] / totals[1]).item(), "lr": scheduler.get_last_lr()[0],
             "grad_norm": float(engine.get_global_grad_norm() or 0.0), "tokens_per_s": tps,
@@ -259,6 +259,11 @@ def train_loop_per_worker(config: dict) -> None:
             frac = expert_counts / expert_counts.sum(-1, keepdim=True).clamp(min=1)
             for layer, row in zip(moe_layers, frac.tolist()):
                 metrics.update({f"moe/layer{layer}/expert_{e}": v for e, v in enumerate(row)})
+            if placement is not None:
+                from apollo_ray.model.parallel import ep_imbalance
+
+                for layer, v in zip(moe_layers, ep_imbalance(expert_counts, placement, c["ep_size"]).tolist()):
+                    metrics[f"moe/layer{layer}/ep_imbalance"] = v
         last = step + 1 == total_steps
         # Also on a run's (or a resumed run's) first step, so every report carries a held-out loss.
         evaluated = (step + 1) % c["eval_every"] == 0 or last or step == start_step
