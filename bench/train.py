@@ -52,8 +52,8 @@ def apollo_tokens_per_s(cfg: config_mod.Config, qa: str) -> tuple[float, float, 
     client = mlflow.MlflowClient(cfg.tracking_uri())
     run = client.get_run(m.extra["mlflow_run_id"])
     hist = sorted(client.get_metric_history(run.info.run_id, "tokens_per_s"), key=lambda x: x.step)
-    # The first step includes warm-up, the last the export: the median of the steps between.
-    steady = [x.value for x in hist[1:-1]]
+    # The first step includes warm-up: the median of the others.
+    steady = [x.value for x in hist[1:]]
     tps = float(np.median(steady))
     tokens_per_step = cfg.resources.num_workers * cfg.train.micro_batch_size * cfg.train.grad_accum * cfg.train.seq_len
     imbalance = [x.value for k in run.data.metrics if k.endswith("/ep_imbalance")
