@@ -20,8 +20,13 @@ def init_ray(num_cpus: int | None = None) -> None:
         log.info("connecting to the Ray cluster at %s", address)
         ray.init(address=address, logging_level=logging.WARNING)
     else:
-        log.info("starting a local Ray (set RAY_ADDRESS to use a cluster)")
-        ray.init(num_cpus=num_cpus, logging_level=logging.WARNING, include_dashboard=False)
+        # With its dashboard, on 127.0.0.1 only: Ray Train V2's placement-group cleaner asks the State API (served by
+        # the dashboard) every second whether the train controller is alive; without it every ask fails and logs a
+        # warning — one a second in the job log for the whole run — and the cleaner can never clean up. Measured on
+        # 2 cores during training, Ray's own processes take no more CPU with the dashboard than without.
+        ctx = ray.init(num_cpus=num_cpus, logging_level=logging.WARNING, include_dashboard=True,
+                       dashboard_host="127.0.0.1")
+        log.info("local Ray dashboard: http://%s", ctx.dashboard_url)
 
 
 def setup_logging(level: int = logging.INFO) -> None:

@@ -7,6 +7,10 @@ The model is the tiny architecture widened (hidden 256) so that compute, not Pyt
 holds 2 workers x 8 rows x 2 accumulation x 256 = 8,192 tokens for its ~15 M parameters: 5.5e-4 tokens per parameter
 per step, near Apollo's 0.5B run (128 x 4096 tokens, 1.0e-3), where the per-step costs that do not grow with the
 batch (the optimizer step, gradient all-reduce, ZeRO's gather) weigh what they weigh in real training.
+Both runs train at Apollo's Post-MoE learning rate (the qwen2 presets' 1e-4; ``--lr`` to change it) with the same
+optimizer groups and schedule. The rate matters to throughput through routing alone: at the tiny preset's 3e-3 the
+router's learned choice swings from step to step onto one expert holding up to half of a layer's assignments, and the
+expert-parallel rank holding it sets the pace (the bench prints that imbalance).
 The plain loop is timed before and after the apollo runs and averaged: this machine's speed drifts by ±15 % from
 minute to minute.
 """
@@ -35,9 +39,13 @@ ARCH = ["model.arch.hidden_size=256", "model.arch.intermediate_size=704", "model
         "model.arch.num_key_value_heads=4"]
 
 
-def cfg_for(root: Path, name: str, layers: int, steps: int, micro: int, accum: int, ep: int = 2) -> config_mod.Config:
+APOLLO_LR = config_mod.PRESETS["qwen2-0.5b"]()["train"]["lr"]
+
+
+def cfg_for(root: Path, name: str, layers: int, steps: int, micro: int, accum: int, ep: int = 2,
+            lr: float = APOLLO_LR) -> config_mod.Config:
     return config_mod.resolve({}, [f"storage.root={root}", f"train.run_name={name}", f"moe.layers={layers}",
-                                   f"moe.ep_size={ep}",
+                                   f"moe.ep_size={ep}", f"train.lr={lr}",
                                    f"train.max_steps={steps}", f"train.checkpoint_every={steps}",
                                    f"train.eval_every={steps}", f"train.micro_batch_size={micro}",
                                    f"train.grad_accum={accum}", *ARCH])
@@ -62,10 +70,12 @@ def apollo_tokens_per_s(cfg: config_mod.Config, qa: str) -> tuple[float, float, 
 
 
 def plain_tokens_per_s(cfg: config_mod.Config, steps: int) -> float:
-    """A single process, 2 threads, the same initial weights, packed rows and accumulation, AdamW: the baseline."""
+    """A single process, 2 threads, the same initial weights, packed rows, accumulation, AdamW groups and schedule:
+    the baseline."""
     from transformers import AutoModelForCausalLM
 
     from apollo_ray.train.dataset import read_rows
+    from apollo_ray.train.loop import lr_lambda, param_groups
 
     torch.set_num_threads(2)
     storage = Storage.from_config(cfg)
@@ -74,7 +84,9 @@ def plain_tokens_per_s(cfg: config_mod.Config, steps: int) -> float:
     init = sorted(p for p in storage.ls(cfg.uri("models")) if "/init-" in p)[-1]
     model = AutoModelForCausalLM.from_pretrained(init)
     model.config.use_cache = False
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    t = cfg.train
+    opt = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=tuple(t.betas), eps=1e-8)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, steps, t.warmup_ratio, t.min_lr_ratio))
     b, accum = cfg.resources.num_workers * cfg.train.micro_batch_size, cfg.train.grad_accum
     times, is_moe = [], model.config.model_type == "apollo_post_moe"
     for step in range(steps):
@@ -89,6 +101,7 @@ def plain_tokens_per_s(cfg: config_mod.Config, steps: int) -> float:
             (out.loss / accum).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        sched.step()
         opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t0)
     return b * accum * cfg.train.seq_len / float(np.median(times[1:]))
@@ -100,13 +113,15 @@ def main() -> None:
     ap.add_argument("--micro", type=int, default=8, help="rows per worker per micro step")
     ap.add_argument("--accum", type=int, default=2, help="micro steps per step")
     ap.add_argument("--ep", type=int, default=2, help="moe.ep_size of the apollo run")
+    ap.add_argument("--lr", type=float, default=APOLLO_LR, help="peak learning rate of both runs (default: Apollo's "
+                    "Post-MoE rate; the tiny preset trains at 3e-3)")
     args = ap.parse_args()
     setup_logging()
     from helpers import write_sample_qa
 
     root = Path(tempfile.mkdtemp(prefix="bench-train-"))
-    moe_cfg = cfg_for(root, "bench-moe", 2, args.steps, args.micro, args.accum, args.ep)
-    dense_cfg = cfg_for(root, "bench-dense", 0, args.steps, args.micro, args.accum)
+    moe_cfg = cfg_for(root, "bench-moe", 2, args.steps, args.micro, args.accum, args.ep, args.lr)
+    dense_cfg = cfg_for(root, "bench-dense", 0, args.steps, args.micro, args.accum, lr=args.lr)
     qa = write_sample_qa(Storage.from_config(moe_cfg), moe_cfg.uri("qa", "bench"), repeat=8)
     dense_tps, dense_step, _ = apollo_tokens_per_s(dense_cfg, qa)
     plain_before = plain_tokens_per_s(moe_cfg, args.steps)
@@ -117,7 +132,8 @@ def main() -> None:
     peak = peak_flops(torch.device("cpu"), seconds=2.0)
     p_moe, p_dense = plan_mod.plan(moe_cfg), plan_mod.plan(dense_cfg)
     flop_ratio = p_moe.flops_per_token / p_dense.flops_per_token
-    print(f"apollo-ray train (Ray Train + DeepSpeed, 2 CPU workers, Post-MoE): {moe_tps:.0f} tokens/s")
+    print(f"apollo-ray train (Ray Train + DeepSpeed, 2 CPU workers, Post-MoE, EP {args.ep}, lr {args.lr:g}): "
+          f"{moe_tps:.0f} tokens/s")
     print(f"plain transformers loop (1 process, 2 threads, same model and rows): {plain:.0f} tokens/s "
           f"(before {plain_before:.0f}, after {plain_after:.0f})")
     print(f"plain loop fraction of the fp32 matmul peak ({peak / 1e9:.1f} GFLOP/s): "
