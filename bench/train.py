@@ -69,19 +69,21 @@ def apollo_tokens_per_s(cfg: config_mod.Config, qa: str) -> tuple[float, float, 
     return tps, tokens_per_step / tps, float(np.mean(imbalance)) if imbalance else float("nan")
 
 
-def plain_tokens_per_s(cfg: config_mod.Config, steps: int) -> float:
+def plain_tokens_per_s(cfg: config_mod.Config, qa: str, steps: int) -> float:
     """A single process, 2 threads, the same initial weights, packed rows, accumulation, AdamW groups and schedule:
     the baseline."""
     from transformers import AutoModelForCausalLM
 
-    from apollo_ray.train.dataset import read_rows
+    from apollo_ray.train import dataset
     from apollo_ray.train.loop import lr_lambda, param_groups
+    from apollo_ray.train.trainer import initial_model
 
     torch.set_num_threads(2)
     storage = Storage.from_config(cfg)
-    mixture = sorted(storage.ls(cfg.uri("mixture")))[-1]
-    rows = read_rows(storage, mixture, "train")
-    init = sorted(p for p in storage.ls(cfg.uri("models")) if "/init-" in p)[-1]
+    # The very weights and rows of the apollo run with this config, found (or built) as trainer.run finds them: the
+    # dense and Post-MoE runs' inits and mixtures share models/ and mixture/ (a local root: URIs are paths).
+    init = initial_model(cfg, storage)
+    rows = dataset.read_rows(storage, dataset.build(cfg, storage, qa, init), "train")
     model = AutoModelForCausalLM.from_pretrained(init)
     model.config.use_cache = False
     t = cfg.train
@@ -89,6 +91,8 @@ def plain_tokens_per_s(cfg: config_mod.Config, steps: int) -> float:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, steps, t.warmup_ratio, t.min_lr_ratio))
     b, accum = cfg.resources.num_workers * cfg.train.micro_batch_size, cfg.train.grad_accum
     times, is_moe = [], model.config.model_type == "apollo_post_moe"
+    if is_moe != bool(cfg.moe.layers):
+        raise RuntimeError(f"the plain loop loaded a {model.config.model_type} model for moe.layers={cfg.moe.layers}")
     for step in range(steps):
         t0 = time.perf_counter()
         for micro in range(accum):
@@ -124,9 +128,9 @@ def main() -> None:
     dense_cfg = cfg_for(root, "bench-dense", 0, args.steps, args.micro, args.accum, lr=args.lr)
     qa = write_sample_qa(Storage.from_config(moe_cfg), moe_cfg.uri("qa", "bench"), repeat=8)
     dense_tps, dense_step, _ = apollo_tokens_per_s(dense_cfg, qa)
-    plain_before = plain_tokens_per_s(moe_cfg, args.steps)
+    plain_before = plain_tokens_per_s(moe_cfg, qa, args.steps)
     moe_tps, moe_step, imbalance = apollo_tokens_per_s(moe_cfg, qa)
-    plain_after = plain_tokens_per_s(moe_cfg, args.steps)
+    plain_after = plain_tokens_per_s(moe_cfg, qa, args.steps)
     plain = (plain_before + plain_after) / 2
     torch.set_num_threads(2)
     peak = peak_flops(torch.device("cpu"), seconds=2.0)
