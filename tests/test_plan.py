@@ -1,4 +1,4 @@
-"""The config-only planner: parameter counts against METHODS.md, memory ordering under ZeRO, fit verdicts."""
+"""The config-only planner: parameter counts against docs/methods.md §8, memory ordering under ZeRO, fit verdicts."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The priority sampler draws exactly the law P_t(x) = π(x) / Σ_{y ∈ D∖S_t} π(y) (METHODS §3), checked statistically
+"""The priority sampler draws exactly the law P_t(x) = π(x) / Σ_{y ∈ D∖S_t} π(y) (docs/methods.md §4), checked statistically
 against the definition, plus determinism, epochs, and the split between data-parallel ranks."""
 
 from __future__ import annotations

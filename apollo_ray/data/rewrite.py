@@ -1,4 +1,4 @@
-"""QA rewriting (Apollo, METHODS §2): corpus paragraphs → chat items, exactly once, resumable.
+"""QA rewriting (Apollo, docs/methods.md §3): corpus paragraphs → chat items, exactly once, resumable.
 
 What each kind becomes:
 - pretraining kinds (book, paper, encyclopedia, guideline, web): two calls. (1) a question, in the paragraph's

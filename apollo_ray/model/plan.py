@@ -5,7 +5,7 @@ layer, E-1 more copies of the MLP and a router; a token uses K of them (1 with l
 
     active = dense + per sparse layer ((K-1) · MLP + router) [+ shared expert and its gate]
 
-which gives METHODS.md's 0.52 B / 1.63 B / 8.02 B for the qwen2 presets (top-2 of 7 experts, last 2 layers).
+which gives docs/methods.md §8's 0.52 B / 1.63 B / 8.02 B for the qwen2 presets (top-2 of 7 experts, last 2 layers).
 
 Memory uses the ZeRO paper's accounting (Rajbhandari et al., 2020): per parameter, bf16 weights 2 B + bf16 grads 2 B
 + Adam 12 B (fp32 master, m, v); fp32 training 4 + 4 + 8 B. Stage 1 shards the optimizer states over the

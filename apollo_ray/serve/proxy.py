@@ -1,4 +1,4 @@
-"""Proxy-tuning (Liu et al., 2024; METHODS.md §7) served as one more causal LM.
+"""Proxy-tuning (Liu et al., 2024; docs/methods.md §11) served as one more causal LM.
 
 At every decoding step, on the last position,
 
