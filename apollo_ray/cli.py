@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Callable
 
 from apollo_ray import config as config_mod
+from apollo_ray.errors import user_error_in
 from apollo_ray.runtime import setup_logging
 
 log = logging.getLogger("apollo_ray")
@@ -90,9 +91,20 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return _dispatch(args)
-    except config_mod.ConfigError as e:
-        print(f"apollo-ray: {e}", file=sys.stderr)
+    except Exception as e:  # a user's mistake is one line and status 2; anything else is a bug: keep its traceback
+        mistake = user_error_in(e)
+        if mistake is None:
+            raise
+        print(f"apollo-ray {args.command}: {one_line(str(mistake))}", file=sys.stderr)
         return 2
+
+
+def one_line(message: str) -> str:
+    """A multi-problem message (e.g. several bad config keys) joined onto one line."""
+    parts = [p.strip() for p in message.splitlines() if p.strip()]
+    if len(parts) > 1 and parts[0].endswith(":"):
+        return parts[0] + " " + "; ".join(parts[1:])
+    return "; ".join(parts)
 
 
 def _dispatch(args: argparse.Namespace) -> int:

@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from apollo_ray import languages as langs
+from apollo_ray.errors import UserError
 
 Kind = Literal["book", "paper", "encyclopedia", "guideline", "web", "dialogue", "exam", "general", "math", "code"]
 PRETRAIN_KINDS: tuple[str, ...] = ("book", "paper", "encyclopedia", "guideline", "web")
@@ -31,9 +32,20 @@ class Section(BaseModel):
 
 # ---------------------------------------------------------------------------------------------------- shared services
 class StorageConfig(Section):
-    root: str = Field("./apollo-runs", description="fsspec URI every stage writes under: a local path or s3://bucket/prefix")
+    root: str = Field("./apollo-runs", validate_default=True, description="fsspec URI every stage writes under: a local path or s3://bucket/prefix")
     endpoint_url: str | None = Field(None, description="S3 endpoint (else AWS_ENDPOINT_URL / AWS_ENDPOINT_URL_S3)")
     shard_rows: int = Field(5000, gt=0, description="rows per parquet shard")
+
+    @field_validator("root")
+    @classmethod
+    def _absolute(cls, v: str) -> str:
+        # Resolved once, here, so every consumer sees one path: Ray Train/Tune reject a relative storage_path, and a
+        # job, a worker or MLflow started from another working directory would otherwise write somewhere else.
+        if "://" in v and not v.startswith("file://"):
+            return v.rstrip("/") or v
+        if not v.strip():
+            raise ValueError("empty storage root")
+        return str(Path(v.removeprefix("file://")).expanduser().resolve())
 
 
 class TrackingConfig(Section):
@@ -322,6 +334,10 @@ class Config(Section):
             if self.model.arch and m.layers > self.model.arch.num_hidden_layers:
                 raise _Impossible("moe.layers", m.layers,
                                   f"the model has only {self.model.arch.num_hidden_layers} decoder layers")
+        if self.rewrite.backend == "hf" and not self.rewrite.hf_model:
+            raise _Impossible("rewrite.hf_model", None, "rewrite.backend=hf needs it (a hub id or a local path)")
+        if self.model.base == "tiny" and self.model.arch is None:
+            raise _Impossible("model.arch", None, "model.base=tiny builds the model from it")
         if self.train.precision == "bf16" and not self.resources.use_gpu:
             raise _Impossible("train.precision", "bf16", "bf16 training needs resources.use_gpu=true (CPU trains fp32)")
         if self.resources.use_gpu and self.resources.gpus_per_worker <= 0:
@@ -337,10 +353,10 @@ class Config(Section):
         if self.tracking.uri:
             return self.tracking.uri
         root = self.storage.root
-        if "://" in root and not root.startswith("file://"):
+        if "://" in root:
             # sqlite cannot live on object storage: keep the DB beside the driver and say so in the README.
             return "sqlite:///" + str(Path("mlflow.db").resolve())
-        return "sqlite:///" + str((Path(root.removeprefix("file://")) / "mlflow.db").resolve())
+        return "sqlite:///" + str(Path(root) / "mlflow.db")
 
 
 class _Impossible(ValueError):
@@ -349,7 +365,7 @@ class _Impossible(ValueError):
         self.key, self.value, self.why = key, value, why
 
 
-class ConfigError(Exception):
+class ConfigError(UserError):
     """A config that cannot be used; the message names the key, the value and the file."""
 
 

@@ -22,7 +22,13 @@ from typing import Any, Iterable, Iterator
 
 import fsspec
 
+from apollo_ray.errors import UserError
+
 MANIFEST = "manifest.json"
+
+
+class MissingManifest(UserError, FileNotFoundError):
+    """A stage's input folder has no manifest: the stage that writes it has not run or not finished."""
 
 
 def _is_remote(uri: str) -> bool:
@@ -146,7 +152,7 @@ class Storage:
     def read_manifest(self, folder: str) -> "Manifest":
         uri = join(folder, MANIFEST)
         if not self.exists(uri):
-            raise FileNotFoundError(f"no {MANIFEST} in {folder}: the stage that writes it has not finished")
+            raise MissingManifest(f"no {MANIFEST} in {folder}: the stage that writes it has not finished")
         return Manifest.from_dict(self.read_json(uri))
 
     def has_manifest(self, folder: str) -> bool:

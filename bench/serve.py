@@ -59,9 +59,9 @@ class LogitsServer:
         import torch
 
         with torch.inference_mode():
-            out = self.model(input_ids=torch.tensor([ids]), past_key_values=self.caches.get(sid), use_cache=True,
+            out = self.model(input_ids=torch.tensor([ids]), cache=self.caches.get(sid), use_cache=True,
                              logits_to_keep=1)
-        self.caches[sid] = out.past_key_values
+        self.caches[sid] = out.cache
         return out.logits[0, -1].float()
 
     def prefill(self, sid: str, ids: list[int]) -> Any:

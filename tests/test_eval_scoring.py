@@ -249,9 +249,9 @@ def test_loglik_matches_a_plain_unpadded_forward(tiny):
             super().__init__()
             self.inner = inner
 
-        def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=None):
+        def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, use_cache=None):
             return self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                              past_key_values=past_key_values, use_cache=use_cache)
+                              cache=cache, use_cache=use_cache)
 
     full = loglik_scores(NoKeep(model), tokenizer, [prompt], [continuations(it)], "cpu")[0]
     assert full == pytest.approx(got, abs=1e-4)

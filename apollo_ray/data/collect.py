@@ -51,6 +51,7 @@ import pyarrow.compute as pc
 from apollo_ray import languages as langs
 from apollo_ray.config import INSTRUCTION_KINDS, PRETRAIN_KINDS, Config, DataConfig, SourceConfig, fingerprint
 from apollo_ray.data.records import PARAGRAPH, REJECT, record_id
+from apollo_ray.errors import UserError
 from apollo_ray.storage import Manifest, Shard, Storage, iter_files, join
 
 log = logging.getLogger(__name__)
@@ -651,7 +652,7 @@ def _format(path: str, fmt: str) -> str:
     for f, suffixes in SUFFIXES.items():
         if path.endswith(suffixes):
             return f
-    raise ValueError(f"cannot tell the format of {path}: set the source's format")
+    raise UserError(f"cannot tell the format of {path}: set the source's format")
 
 
 def _rel(uri: str, base: str) -> str:
@@ -701,7 +702,7 @@ def plan_inputs(storage: Storage, sources: list[SourceConfig]) -> tuple[list[dic
         suffixes = SUFFIXES[src.format] if src.format != "auto" else tuple(s for v in SUFFIXES.values() for s in v)
         files = iter_files(storage, src.path, suffixes)
         if not files:
-            raise FileNotFoundError(f"source {src.name!r}: no {'/'.join(suffixes)} files under {src.path}")
+            raise UserError(f"data.sources {src.name!r}: no {'/'.join(suffixes)} files under {src.path}")
         identity[src.name] = [_file_identity(storage, f) for f in files]
         tasks += [{"source_idx": si, "file_idx": fi, "uri": f, "rel": _rel(f, src.path),
                    "format": _format(f, src.format), "start": 0, "stop": 0} for fi, f in enumerate(files)]
@@ -782,7 +783,7 @@ def run(cfg: Config) -> str:
     sources = list(cfg.data.sources)
     names = [s.name for s in sources]
     if len(set(names)) != len(names):
-        raise ValueError(f"data.sources: duplicate source names in {names}")
+        raise UserError(f"data.sources: duplicate source names in {names}")
     tasks, identity = plan_inputs(storage, sources)
     out, fp = output_uri(cfg, identity)
     if storage.has_manifest(out):

@@ -26,6 +26,7 @@ from typing import Any, Iterable, Mapping
 
 from apollo_ray import languages as langs
 from apollo_ray.config import BenchmarkConfig
+from apollo_ray.errors import UserError
 from apollo_ray.storage import Storage, filesystem, iter_files
 
 LETTERS = "ABCDEF"
@@ -255,7 +256,7 @@ def _json_files(path: str, storage: Storage) -> list[str] | None:
     if files:
         return files
     if remote:
-        raise FileNotFoundError(f"no {' or '.join(SUFFIXES)} files under {path}")
+        raise UserError(f"no {' or '.join(SUFFIXES)} files under {path}")
     return None  # a local folder of parquet/csv: let `datasets` read it
 
 

@@ -36,6 +36,7 @@ import numpy as np
 
 from apollo_ray import languages as langs
 from apollo_ray.config import Config, fingerprint
+from apollo_ray.errors import UserError
 from apollo_ray.evaluation.benchmark import Item
 from apollo_ray.evaluation.prompts import ShotPool, encode
 from apollo_ray.evaluation.runner import (POST_MOE_TYPE, EvalItem, ItemSet, ModelRef, build_prompts, load_items,
@@ -294,7 +295,7 @@ def run(cfg: Config, models: list[str] | None = None) -> str:
         dropped["beyond_items_per_language"] += beyond
     kept = sum(len(v) for v in by_language.values())
     if not kept:
-        raise ValueError(f"{STAGE}: no benchmark item to route ({items.n_read} read, rejects {dict(dropped)})")
+        raise UserError(f"{STAGE}: no benchmark item to route ({items.n_read} read, rejects {dict(dropped)})")
     log.info("%s: %d languages, %d items (at most %d per language), %s text → %s", STAGE, len(languages), kept,
              ecfg.analyze_items_per_language, "prompt" if ecfg.analyze_prompt_tokens else "question + options", out)
 

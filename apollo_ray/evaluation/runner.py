@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from apollo_ray.config import BenchmarkConfig, Config, EvalConfig, fingerprint
+from apollo_ray.errors import UserError
 from apollo_ray.evaluation.aggregate import aggregate, bar_chart_png, markdown_table
 from apollo_ray.evaluation.benchmark import MAX_OPTIONS, Item, Reject, load_benchmark, load_shot_pool
 from apollo_ray.evaluation.prompts import TEMPLATES, PromptTooLong, ShotPool, build_prompt
@@ -68,6 +69,13 @@ class ModelRef:
         return self.manifest_hash or self.location
 
 
+def _no_model(cfg: Config, spec: str, models: list[str] | None) -> str:
+    if not models:  # this run's own model: say which stage makes it
+        return (f"no trained model at {spec}: `apollo-ray train` writes it (train.run_name={cfg.train.run_name!r}); "
+                f"run `apollo-ray train` or the whole `apollo-ray run` first, or pass --model PATH_OR_HUB_ID")
+    return f"--model {spec!r}: no such folder (and not a hub id like 'Qwen/Qwen2-0.5B')"
+
+
 def resolve_models(cfg: Config, storage: Storage, models: list[str] | None) -> list[ModelRef]:
     """``--model`` values → ``ModelRef``; default: this run's trained model ``models/<train.run_name>``.
 
@@ -91,15 +99,15 @@ def resolve_models(cfg: Config, storage: Storage, models: list[str] | None) -> l
         elif Path(location.removeprefix("file://")).exists():
             kind, location = "local", str(Path(location.removeprefix("file://")).resolve())
         elif location.startswith(("/", "./", "../", "file://")) or location.count("/") > 1:
-            raise FileNotFoundError(f"model {spec!r}: no such folder (and not a hub id like 'Qwen/Qwen2-0.5B')")
+            raise UserError(_no_model(cfg, spec, models))
         else:
             kind = "hub"
         manifest_hash = run_id = None
         if kind != "hub":
             st = Storage(location, cfg.storage.endpoint_url)
             if not st.exists(join(location, "config.json")):
-                raise FileNotFoundError(f"model {spec!r}: {location} has no config.json (not a model folder, or "
-                                        f"the stage that writes it has not finished)")
+                raise UserError(f"model {spec!r}: {location} has no config.json (not a model folder, or the stage "
+                                f"that writes it has not finished)")
             if st.has_manifest(location):
                 m = st.read_manifest(location)
                 manifest_hash, run_id = m.hash, m.extra.get("mlflow_run_id")
@@ -164,7 +172,7 @@ class ItemSet:
 def load_items(cfg: Config, storage: Storage) -> ItemSet:
     names = [b.name for b in cfg.eval.benchmarks]
     if len(set(names)) != len(names):
-        raise ValueError(f"eval.benchmarks: duplicate benchmark names {names}")
+        raise UserError(f"eval.benchmarks: duplicate benchmark names {names}")
     out = ItemSet([], {}, [], 0)
     for bench in cfg.eval.benchmarks:
         items, rejects = load_benchmark(bench, storage, limit=cfg.eval.limit)
@@ -200,7 +208,7 @@ def build_prompts(ecfg: EvalConfig, items: ItemSet, tokenizer: Any) -> tuple[dic
     """uid → rendered k-shot prompt within the budget, and uid → why it cannot be (0-shot still too long)."""
     budget = ecfg.max_prompt_tokens - answer_room(ecfg, tokenizer)
     if budget <= 0:
-        raise ValueError(f"eval.max_prompt_tokens={ecfg.max_prompt_tokens} leaves no room for a prompt after "
+        raise UserError(f"eval.max_prompt_tokens={ecfg.max_prompt_tokens} leaves no room for a prompt after "
                          f"{answer_room(ecfg, tokenizer)} answer tokens")
     prompts: dict[str, str] = {}
     too_long: dict[str, str] = {}
@@ -401,7 +409,7 @@ def run(cfg: Config, models: list[str] | None = None) -> str:
     log.info("%s: %d items read, %d to score per model, %d rejected %s; %d model(s) → %s", STAGE, items.n_read,
              len(scored), len(rejects), dict(dropped), len(refs), out)
     if not scored:
-        raise ValueError(f"{STAGE}: no item left to score ({items.n_read} read, rejects: {dict(dropped)})")
+        raise UserError(f"{STAGE}: no item left to score ({items.n_read} read, rejects: {dict(dropped)})")
 
     tracker = Tracker(cfg)
     with _nested_under(tracker, refs), tracker.stage(

@@ -187,7 +187,7 @@ def _forward_shared_prompt(model: Any, items: list[list[tuple[list[int], list[in
     out = model(input_ids=input_ids.to(device), attention_mask=mask.to(device), position_ids=position_ids.to(device),
                 use_cache=True, **kwargs)
     first_lp = torch.log_softmax(out.logits[:, -1, :].float(), dim=-1)  # [n, V]
-    cache = out.past_key_values
+    cache = out.cache
     cache.batch_repeat_interleave(slots)
     # Unused option slots of items with fewer options repeat their first option and are dropped below.
     flat = [cs[j] if j < len(cs) else cs[0] for cs in conts for j in range(slots)]
@@ -201,7 +201,7 @@ def _forward_shared_prompt(model: Any, items: list[list[tuple[list[int], list[in
     cont_pos = starts[:, None] + torch.arange(clen)[None, :]
     full_mask = torch.cat([mask.repeat_interleave(slots, 0), cont_mask], dim=-1)
     out2 = model(input_ids=cont_ids.to(device), attention_mask=full_mask.to(device),
-                 position_ids=cont_pos.to(device), past_key_values=cache, use_cache=True)
+                 position_ids=cont_pos.to(device), cache=cache, use_cache=True)
     lp2 = torch.log_softmax(out2.logits.float(), dim=-1)  # [n*slots, clen, V]
     result = []
     for i, cs in enumerate(conts):

@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from apollo_ray.config import ArchConfig, Config
+from apollo_ray.errors import UserError
 
 GIB = 1 << 30
 # Usable device memory in GiB, by resources.gpu_type.
@@ -200,7 +201,7 @@ def _total_params(cfg: Config) -> int:
 def plan(cfg: Config) -> Plan:
     a = cfg.model.arch
     if a is None:
-        raise ValueError(f"preset {cfg.preset!r} has no model.arch: planning needs the architecture dimensions")
+        raise UserError(f"preset {cfg.preset!r} has no model.arch: planning needs the architecture dimensions")
     moe_on = cfg.moe.layers > 0
     dense = dense_params(a)
     active = dense + _moe_extra(cfg, experts_per_token(cfg)) if moe_on else dense

@@ -34,6 +34,7 @@ from transformers.models.qwen2.modeling_qwen2 import (
     Qwen2RotaryEmbedding,
 )
 from transformers.utils import can_return_tuple
+from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
@@ -220,12 +221,13 @@ class PostMoEDecoderLayer(Qwen2DecoderLayer):
         if layer_idx in config.moe_layers:
             self.mlp = PostMoEBlock(config)  # replaces the dense MLP the parent built
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")  # callers of the old name keep working
     def forward(
         self,
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         use_cache: bool | None = False,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         language_ids: torch.LongTensor | None = None,
@@ -237,7 +239,7 @@ class PostMoEDecoderLayer(Qwen2DecoderLayer):
             hidden_states=self.input_layernorm(hidden_states),
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             use_cache=use_cache,
             position_embeddings=position_embeddings,
             **kwargs,
@@ -305,6 +307,7 @@ class PostMoEModel(PostMoEPreTrainedModel, Qwen2Model):
         self.has_sliding_layers = "sliding_attention" in config.layer_types
         self.post_init()
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     @merge_with_config_defaults
     @capture_outputs
     def forward(
@@ -312,7 +315,7 @@ class PostMoEModel(PostMoEPreTrainedModel, Qwen2Model):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         language_ids: torch.LongTensor | None = None,
@@ -323,10 +326,10 @@ class PostMoEModel(PostMoEPreTrainedModel, Qwen2Model):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
         if position_ids is None:
-            past_seen_tokens = past_key_values.get_seq_length() if past_key_values is not None else 0
+            past_seen_tokens = cache.get_seq_length() if cache is not None else 0
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
             position_ids = position_ids.unsqueeze(0)
 
@@ -346,7 +349,7 @@ class PostMoEModel(PostMoEPreTrainedModel, Qwen2Model):
                 "config": self.config,
                 "inputs_embeds": inputs_embeds,
                 "attention_mask": attention_mask,
-                "past_key_values": past_key_values,
+                "cache": cache,
                 "position_ids": position_ids,
             }
             causal_mask_mapping = {"full_attention": create_causal_mask(**mask_kwargs)}
@@ -362,7 +365,7 @@ class PostMoEModel(PostMoEPreTrainedModel, Qwen2Model):
                 attention_mask=causal_mask_mapping[self.config.layer_types[i]],
                 position_embeddings=position_embeddings,
                 position_ids=position_ids,
-                past_key_values=past_key_values,
+                cache=cache,
                 use_cache=use_cache,
                 language_ids=language_ids,
                 token_mask=token_mask,
@@ -373,7 +376,7 @@ class PostMoEModel(PostMoEPreTrainedModel, Qwen2Model):
 
         output = PostMoEModelOutput(
             last_hidden_state=self.norm(hidden_states),
-            past_key_values=past_key_values if use_cache else None,
+            cache=cache if use_cache else None,
         )
         if routings:
             output.aux_loss = torch.stack([r.aux_loss for r in routings]).mean()
@@ -394,13 +397,14 @@ class PostMoEForCausalLM(PostMoEPreTrainedModel, Qwen2ForCausalLM):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
@@ -413,7 +417,7 @@ class PostMoEForCausalLM(PostMoEPreTrainedModel, Qwen2ForCausalLM):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             language_ids=language_ids,
@@ -433,7 +437,7 @@ class PostMoEForCausalLM(PostMoEPreTrainedModel, Qwen2ForCausalLM):
         return PostMoECausalLMOutput(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
+            cache=outputs.cache,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             aux_loss=outputs.aux_loss,

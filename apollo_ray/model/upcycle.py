@@ -24,6 +24,7 @@ from transformers.initialization import no_init_weights
 
 from apollo_ray import languages as langs
 from apollo_ray.config import Config, fingerprint
+from apollo_ray.errors import UserError
 from apollo_ray.model.post_moe import PostMoEConfig, PostMoEForCausalLM
 from apollo_ray.storage import Storage
 
@@ -60,7 +61,7 @@ def upcycle(
     dense_cfg = dense_model.config
     n = dense_cfg.num_hidden_layers
     if not 0 < layers <= n:
-        raise ValueError(f"layers={layers}: the dense model has {n} decoder layers")
+        raise UserError(f"moe.layers={layers}: the dense model has {n} decoder layers")
     moe_layers = list(range(n - layers, n))
     config = PostMoEConfig(
         **_qwen2_fields(dense_cfg),
@@ -91,7 +92,7 @@ def upcycle(
 def _qwen2_fields(cfg: Any) -> dict[str, Any]:
     """The dense config as Qwen2 fields (the Post-MoE model is Qwen2-shaped whatever the base family)."""
     if cfg.model_type not in ("qwen2", "llama", "mistral"):
-        raise ValueError(f"cannot upcycle model_type {cfg.model_type!r}: supported are qwen2, llama and mistral")
+        raise UserError(f"cannot upcycle model_type {cfg.model_type!r}: supported are qwen2, llama and mistral")
     fields = {k: getattr(cfg, k) for k in _SHARED_FIELDS}
     fields["head_dim"] = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     if cfg.model_type == "qwen2":
@@ -99,9 +100,9 @@ def _qwen2_fields(cfg: Any) -> dict[str, Any]:
                       max_window_layers=cfg.max_window_layers, layer_types=list(cfg.layer_types))
         return fields
     if getattr(cfg, "attention_bias", False) or getattr(cfg, "mlp_bias", False):
-        raise ValueError(f"{cfg.model_type} with attention_bias/mlp_bias has biases Qwen2 layers cannot hold")
+        raise UserError(f"{cfg.model_type} with attention_bias/mlp_bias has biases Qwen2 layers cannot hold")
     if cfg.hidden_act != "silu":
-        raise ValueError(f"{cfg.model_type} with hidden_act={cfg.hidden_act!r}: only silu MLPs are supported")
+        raise UserError(f"{cfg.model_type} with hidden_act={cfg.hidden_act!r}: only silu MLPs are supported")
     window = getattr(cfg, "sliding_window", None)
     fields.update(use_sliding_window=window is not None, sliding_window=window, max_window_layers=0,
                   layer_types=["sliding_attention" if window is not None else "full_attention"] * cfg.num_hidden_layers)
@@ -187,7 +188,7 @@ def run(cfg: Config, base: str | None = None, out: str | None = None) -> str:
 
     base = base or cfg.model.base
     if base == "tiny" and cfg.model.base != "tiny":
-        raise ValueError(f"base 'tiny' needs model.base=tiny (it is {cfg.model.base!r})")
+        raise UserError(f"base 'tiny' needs model.base=tiny (it is {cfg.model.base!r})")
     arch = cfg.model.arch.model_dump() if base == "tiny" and cfg.model.arch else None
     moe = cfg.moe.model_dump(exclude={"ep_size"})  # expert parallelism does not change the weights
     out = out or cfg.uri("models", "post-moe-" + fingerprint(base, arch, moe, cfg.languages.include, cfg.train.seed))

@@ -208,7 +208,7 @@ class Generation:
     """One request's decoding: prefill, then ``advance()`` once per token until it returns a finish reason.
 
     ``forward_kwargs`` go to every forward (proxy-tuning's per-request α); the language model is anything with the
-    causal-LM call signature (``input_ids``, ``past_key_values``, ``use_cache``, ``logits_to_keep`` → ``.logits``).
+    causal-LM call signature (``input_ids``, ``cache``, ``use_cache``, ``logits_to_keep`` → ``.logits``).
     """
 
     lm: Any
@@ -270,7 +270,7 @@ class Generation:
         return Step(delta + (self._stream.flush() if flush else ""), reason)
 
     def _forward(self, input_ids: torch.Tensor) -> None:
-        out = self.lm(input_ids=input_ids, past_key_values=self._cache, use_cache=True, logits_to_keep=1,
+        out = self.lm(input_ids=input_ids, cache=self._cache, use_cache=True, logits_to_keep=1,
                       **self.forward_kwargs)
-        self._cache = out.past_key_values
+        self._cache = out.cache
         self._logits_V = out.logits[0, -1]

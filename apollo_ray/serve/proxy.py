@@ -104,7 +104,7 @@ class ProxyCache:
 @dataclass
 class ProxyOutput:
     logits: torch.Tensor
-    past_key_values: ProxyCache | None = None
+    cache: ProxyCache | None = None
 
 
 class ProxyLM(nn.Module):
@@ -123,21 +123,21 @@ class ProxyLM(nn.Module):
         self.context_length = min(int(getattr(m.config, "max_position_embeddings", None) or 1 << 20) for m in models)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, past_key_values: ProxyCache | None = None,
+                position_ids: torch.Tensor | None = None, cache: ProxyCache | None = None,
                 use_cache: bool = False, logits_to_keep: int = 0, alpha: float | None = None) -> ProxyOutput:
-        caches = ProxyCache(None, None, None) if past_key_values is None else past_key_values
+        caches = ProxyCache(None, None, None) if cache is None else cache
 
         def on(model: nn.Module, t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.to(model.device)
 
         outs = [m(input_ids=on(m, input_ids), attention_mask=on(m, attention_mask), position_ids=on(m, position_ids),
-                  past_key_values=c, use_cache=use_cache, logits_to_keep=logits_to_keep)
+                  cache=c, use_cache=use_cache, logits_to_keep=logits_to_keep)
                 for m, c in zip((self.base, self.expert, self.anti_expert), caches)]
         device = outs[0].logits.device
         logits = combine(*(o.logits.to(device) for o in outs), self.alpha if alpha is None else alpha)
         if logits.shape[-1] > self.usable_vocab:
             logits[..., self.usable_vocab:] = float("-inf")
-        return ProxyOutput(logits, ProxyCache(*(o.past_key_values for o in outs)) if use_cache else None)
+        return ProxyOutput(logits, ProxyCache(*(o.cache for o in outs)) if use_cache else None)
 
 
 def check_models(names: Mapping[str, str], tokenizers: Mapping[str, Any], models: Mapping[str, nn.Module]) -> None:

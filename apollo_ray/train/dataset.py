@@ -18,6 +18,7 @@ from apollo_ray import languages as langs
 from apollo_ray.config import Config, fingerprint
 from apollo_ray.data.mixture import priority_order, render_item
 from apollo_ray.data.records import record_id
+from apollo_ray.errors import UserError
 from apollo_ray.storage import Manifest, Storage
 from apollo_ray.train.packing import Doc, PackResult, pack
 
@@ -112,7 +113,7 @@ def build(cfg: Config, storage: Storage, qa_folder: str, tokenizer_path: str) ->
     t0 = time.time()
     items = pa.concat_tables(list(storage.iter_tables(qa_folder, qa))) if qa.shards else None
     if items is None or items.num_rows == 0:
-        raise ValueError(f"mixture: {qa_folder} holds no items to train on")
+        raise UserError(f"mixture: {qa_folder} holds no items to train on (every paragraph was rejected by rewrite? see its manifest)")
     ids = items.column("id").to_pylist()
     item_langs = items.column("language").to_pylist()
     kinds = items.column("kind").to_pylist()

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from apollo_ray import config as config_mod
 from apollo_ray.config import Config, fingerprint
+from apollo_ray.errors import UserError
 from apollo_ray.model import plan as plan_mod
 from apollo_ray.model.tiny import ensure_base
 from apollo_ray.runtime import init_ray
@@ -74,9 +75,15 @@ def run(cfg: Config, qa: str | None = None, callbacks: list | None = None) -> st
     # A run name is one training run: resuming it with other inputs or hyper-parameters would silently mix two runs.
     marker = cfg.uri("checkpoints", cfg.train.run_name, "apollo_run.json")
     if storage.exists(marker) and storage.read_json(marker) != identity:
-        raise ValueError(f"train.run_name={cfg.train.run_name!r} already has checkpoints at "
+        raise UserError(f"train.run_name={cfg.train.run_name!r} already has checkpoints at "
                          f"{cfg.uri('checkpoints', cfg.train.run_name)} from different inputs or hyper-parameters; "
                          f"choose another train.run_name (or delete that folder to start over)")
+    per_step = cfg.resources.num_workers * cfg.train.micro_batch_size * cfg.train.grad_accum
+    if mix.extra["train_rows"] < per_step:
+        raise UserError(f"the mixture {mixture} has {mix.extra['train_rows']} training rows: fewer than one step "
+                        f"needs ({per_step} = resources.num_workers {cfg.resources.num_workers} x "
+                        f"train.micro_batch_size {cfg.train.micro_batch_size} x train.grad_accum "
+                        f"{cfg.train.grad_accum}); add data or lower them")
     storage.write_json(marker, identity)
     p = plan_mod.plan(cfg)
     tracker = Tracker(cfg)
