@@ -319,13 +319,35 @@ def _meta(opts: DeployOptions, name: str, component: str) -> dict:
 
 
 def project_requirements() -> list[str]:
-    """The project's runtime dependencies, minus Ray (the image provides the matching one)."""
+    """The project's runtime dependencies, minus Ray (the image provides the matching one), each pinned to the
+    version of ``constraints.txt`` — what the tests passed with — when the lock is there (a source checkout)."""
     pyproject = PACKAGE_DIR.parent / "pyproject.toml"
     if pyproject.exists():
         deps = tomllib.loads(pyproject.read_text(encoding="utf-8"))["project"]["dependencies"]
     else:
         deps = [d for d in importlib.metadata.requires("apollo-ray") or [] if "extra ==" not in d]
-    return [d for d in deps if not re.match(r"^ray(\[|[<>=!~ ]|$)", d)]
+    locked = locked_versions(PACKAGE_DIR.parent / "constraints.txt")
+    out = []
+    for d in deps:
+        name = re.match(r"^[A-Za-z0-9_.\-]+", d).group(0)
+        if name.lower() == "ray":
+            continue
+        extras = re.match(r"^[A-Za-z0-9_.\-]+(\[[^\]]*\])?", d).group(1) or ""
+        version = locked.get(_normal(name))
+        out.append(f"{name}{extras}=={version}" if version else d)
+    return out
+
+
+def _normal(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def locked_versions(path: Path) -> dict[str, str]:
+    """``name==version`` lines of a pip constraints file, by normalised name; {} when there is none."""
+    if not path.exists():
+        return {}
+    pins = (re.match(r"^([A-Za-z0-9_.\-]+)==([^\s;#]+)", line) for line in path.read_text().splitlines())
+    return {_normal(m.group(1)): m.group(2) for m in pins if m}
 
 
 def runtime_env(cfg: Config, opts: DeployOptions) -> dict:
