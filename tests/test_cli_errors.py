@@ -114,3 +114,26 @@ def test_a_bug_keeps_its_traceback(monkeypatch):
     monkeypatch.setattr(cli.importlib, "import_module", lambda name: type("M", (), {"run": staticmethod(broken)}))
     with pytest.raises(KeyError):
         cli.main(["collect"])
+
+
+def test_a_missing_benchmark_path_names_the_benchmark(capsys, root, tmp_path):
+    bench = f"eval.benchmarks=[{{name: board-exam, path: {tmp_path / 'nope'}, language: en}}]"
+    line = _mistake(capsys, ["evaluate", "--set", root, "--set", bench, "--model", "tiny"])
+    assert "'board-exam'" in line and "does not exist" in line
+
+
+@pytest.mark.parametrize("argv, names", [
+    (["evaluate", "--model", "someorg/no-such-model"], "--model 'someorg/no-such-model'"),
+    (["train", "--set", "model.base=someorg/no-such-model", "--set", "preset=qwen2-0.5b",
+      "--set", "resources.use_gpu=false", "--set", "train.precision=fp32", "--set", "rewrite.backend=extractive"],
+     "model.base='someorg/no-such-model'"),
+])
+def test_a_hub_id_that_cannot_load_is_one_line(tmp_path, argv, names):
+    """Offline (as on this machine's tests) a hub id cannot load: said by the driver in one line, not by an actor."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([str(Path(sys.executable).parent / "apollo-ray"), *argv, "--set", f"storage.root={tmp_path}"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"apollo-ray {argv[0]}: ") and names in last, last

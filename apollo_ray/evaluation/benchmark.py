@@ -21,7 +21,7 @@ import json
 import posixpath
 import re
 from dataclasses import asdict, dataclass, field
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from typing import Any, Iterable, Mapping
 
 from apollo_ray import languages as langs
@@ -217,11 +217,19 @@ def load_benchmark(cfg_bench: BenchmarkConfig, storage: Storage, *,
     out = _Collector(cfg_lang, cfg_bench.name)
     path = cfg_bench.path
     if path.startswith(HF_PREFIX):
-        _load_hf(path[len(HF_PREFIX):], out, limit)
+        try:
+            _load_hf(path[len(HF_PREFIX):], out, limit)
+        except (FileNotFoundError, ConnectionError) as e:
+            raise UserError(f"eval.benchmarks {cfg_bench.name!r}: cannot load {path!r}: {e}") from e
         return out.items, out.rejects
     files = _json_files(path, storage)
     if files is None:
-        _load_hf(path, out, limit)
+        if path.startswith(("/", "./", "../", "~", "file://")) and not Path(path.removeprefix("file://")).exists():
+            raise UserError(f"eval.benchmarks {cfg_bench.name!r}: path {path} does not exist")
+        try:
+            _load_hf(path, out, limit)
+        except (FileNotFoundError, ConnectionError) as e:  # a wrong id (DatasetNotFoundError is one), or no hub
+            raise UserError(f"eval.benchmarks {cfg_bench.name!r}: cannot load {path!r} as a dataset: {e}") from e
         return out.items, out.rejects
     for uri, rel in zip(files, _stems(files)):
         stem = str(rel.with_suffix(""))

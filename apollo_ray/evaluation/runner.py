@@ -76,6 +76,17 @@ def _no_model(cfg: Config, spec: str, models: list[str] | None) -> str:
     return f"--model {spec!r}: no such folder (and not a hub id like 'Qwen/Qwen2-0.5B')"
 
 
+def _check_hub_model(spec: str) -> None:
+    """A hub id must be loadable here, where a mistake is one line, not in an actor where it is a traceback."""
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(spec)
+    except OSError as e:  # no such repo, or no hub reachable and nothing cached
+        raise UserError(f"--model {spec!r}: not a local folder, and cannot load it as a hub id: "
+                        f"{str(e).splitlines()[0]}") from e
+
+
 def resolve_models(cfg: Config, storage: Storage, models: list[str] | None) -> list[ModelRef]:
     """``--model`` values → ``ModelRef``; default: this run's trained model ``models/<train.run_name>``.
 
@@ -102,6 +113,7 @@ def resolve_models(cfg: Config, storage: Storage, models: list[str] | None) -> l
             raise UserError(_no_model(cfg, spec, models))
         else:
             kind = "hub"
+            _check_hub_model(spec)
         manifest_hash = run_id = None
         if kind != "hub":
             st = Storage(location, cfg.storage.endpoint_url)

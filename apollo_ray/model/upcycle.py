@@ -165,8 +165,11 @@ def upcycle_checkpoint(base: str, out: str, cfg: Config) -> str:
     if storage.exists(f"{out.rstrip('/')}/config.json"):
         log.info("upcycled checkpoint already at %s", out)
         return out
-    dense = AutoModelForCausalLM.from_pretrained(base, dtype=getattr(torch, cfg.model.dtype))
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or base)
+    try:
+        dense = AutoModelForCausalLM.from_pretrained(base, dtype=getattr(torch, cfg.model.dtype))
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or base)
+    except OSError as e:  # not a folder, not on the hub, or no hub reachable: transformers says which
+        raise UserError(f"model.base={base!r} (or model.tokenizer): cannot load it: {str(e).splitlines()[0]}") from e
     model = upcycle(dense, **moe_config_from(cfg))
     with tempfile.TemporaryDirectory(prefix="apollo-upcycle-") as tmp:
         model.save_pretrained(tmp)
