@@ -314,3 +314,151 @@ def test_hf_backend_actor_pool(ray_local, make_cfg, tiny_hf_model):
                                  "dialogue_unparseable", "empty_output"}
     assert m.extra["tokens_out"] > 0 and m.extra["semantic"]["model"] == tiny_hf_model
     assert all(r["raw"] is not None for r in read_rejects(storage, out))
+    # What was kept or rejected is generated text only: at most hf_max_new_tokens tokens of the model's vocabulary
+    # (a prompt decoded with its generation would be hundreds of characters, and mostly dropped as leakage).
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_hf_model)
+    longest = max(len(tok.decode([i])) for i in range(len(tok)))
+    generated = [x["content"] for r in items if r["backend"] == "hf" for x in r["messages"]]
+    generated += [r["raw"] for r in read_rejects(storage, out)]
+    assert generated and all(len(t) <= 8 * longest for t in generated), generated
+    assert len([r for r in items if r["backend"] == "hf"]) + sum(c["dropped"].values()) == len(rows) - 1
+    assert "leakage" not in c["dropped"]
+
+
+# ------------------------------------------------------------------- hf backend: what it produced, against the model
+HF_NEW_TOKENS = 8
+GENERATED = [para("en-0", "Malaria is caused by Plasmodium parasites. Mosquitoes transmit it.", "en"),
+             para("en-1", "Hypertension is persistently raised blood pressure. It is often silent.", "en"),
+             para("zh-0", "高血压是一种常见的慢性病。需要长期管理。", "zh"),
+             para("es-0", "El dengue es una infección viral. La transmiten los mosquitos.", "es"),
+             para("dlg-0", "Iron deficiency causes anaemia. Iron tablets are the usual treatment.", "en",
+                  kind="dialogue")]
+
+
+def _hf_greedy_cfg(make_cfg, model: str, *extra: str):
+    """The hf backend with top-p so small that sampling keeps only the most likely token: greedy decoding, so a
+    prompt's continuation does not depend on its batch and can be checked against the model run on it alone."""
+    return make_cfg("tracking.enabled=false", "rewrite.backend=hf", f"rewrite.hf_model={model}",
+                    f"rewrite.hf_max_new_tokens={HF_NEW_TOKENS}", "rewrite.openai.top_p=1e-9",
+                    "rewrite.min_answer_chars=4", *extra)
+
+
+class _Oracle:
+    """``model.generate`` on one prompt alone, unpadded, greedy; only the new tokens decoded, cut at EOS."""
+
+    def __init__(self, path: str):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from apollo_ray.data.mixture import ASSISTANT_PREFIX, USER_PREFIX
+
+        self.tok = AutoTokenizer.from_pretrained(path)
+        assert not getattr(self.tok, "chat_template", None)  # the Apollo template below is what the backend uses
+        self.lm = AutoModelForCausalLM.from_pretrained(path).eval()
+        self.template = USER_PREFIX + "{}\n" + ASSISTANT_PREFIX
+        self.calls = 0
+
+    def __call__(self, prompt: str) -> tuple[str, int, int]:
+        """(decoded new text, prompt tokens, new tokens)"""
+        import torch
+
+        self.calls += 1
+        enc = self.tok(self.template.format(prompt), return_tensors="pt", add_special_tokens=False)
+        with torch.no_grad():
+            gen = self.lm.generate(**enc, do_sample=False, max_new_tokens=HF_NEW_TOKENS,
+                                   pad_token_id=self.tok.pad_token_id, eos_token_id=self.tok.eos_token_id)
+        new = gen[0, enc["input_ids"].shape[1]:].tolist()
+        if self.tok.eos_token_id in new:
+            new = new[:new.index(self.tok.eos_token_id)]
+        return self.tok.decode(new, skip_special_tokens=True), enc["input_ids"].shape[1], len(new)
+
+
+@pytest.fixture(scope="module")
+def hf_oracle(tiny_hf_model) -> _Oracle:
+    return _Oracle(tiny_hf_model)
+
+
+def test_hf_backend_returns_only_the_generated_text(make_cfg, tiny_hf_model, hf_oracle):
+    """Catches the hf backend decoding prompt + generation (or another row's tokens, or not cutting at EOS): each
+    completion is exactly the model's own continuation of its prompt, batched requests mapped back in order."""
+    import asyncio
+
+    cfg = _hf_greedy_cfg(make_cfg, tiny_hf_model, "rewrite.batch_size=2")
+    backend = rw.HFBackend(cfg.rewrite)
+    requests = [rw.Request("question", rw.load_prompts("v1", r["language"]).render("question", paragraph=r["text"]),
+                           r["text"], rw.load_prompts("v1", r["language"])) for r in GENERATED]
+    lengths = {len(hf_oracle.tok(r.prompt)["input_ids"]) for r in requests}
+    assert len(lengths) > 1  # prompts of different lengths: the batch is left-padded
+
+    async def all_at_once():  # one event-loop turn: generated as batches of 2, 2 and 1
+        return await asyncio.gather(*(backend.complete(r) for r in requests))
+
+    got = asyncio.run(all_at_once())
+    assert len(got) == len(requests)
+    for r, c in zip(requests, got):
+        text, n_in, n_out = hf_oracle(r.prompt)
+        assert c.error is None and c.text == c.raw == text, (r.paragraph, c.text, text)
+        assert c.tokens_in == n_in and c.tokens_out == n_out and 0 < n_out <= HF_NEW_TOKENS
+        assert r.prompt[:40] not in c.text
+
+
+def test_hf_rewriter_counts_what_the_model_generated(make_cfg, tiny_hf_model, hf_oracle):
+    """Catches generated items lost or altered between the model and the records (e.g. the prompt decoded with the
+    generation, so items drop as leakage): every record is what the model said, accepted + rejected = input."""
+    cfg = _hf_greedy_cfg(make_cfg, tiny_hf_model, "rewrite.batch_size=4")
+    storage = Storage.from_config(cfg)
+    out = storage.uri("qa", "direct")
+    ex = exam("exam-0", "What treats anaphylaxis?",
+              "Intramuscular adrenaline is the first-line treatment of anaphylaxis.", "en")
+    rows = [{**r, "question": None, "answer": None} for r in [*GENERATED, ex]]
+    writer = rw.Rewriter(cfg.rewrite, storage, out)  # in-process: the actor's work without Ray
+    summaries = writer.rewrite_rows(rows).to_pylist()
+    records = [r for u in rw._part_uris(storage, join(out, "parts")) for r in storage.read_parquet(u).to_pylist()]
+    assert sorted(r["parent_id"] for r in records) == sorted(r["id"] for r in rows)  # one record per input
+    assert sum(s["rows"] for s in summaries) == len(rows)
+    ok = [r for r in records if r["status"] == "ok"]
+    assert sum(s["ok"] for s in summaries) == len(ok)
+    assert len(ok) + sum(r["status"] == "reject" for r in records) == len(rows)
+
+    generated_ok = 0
+    tokens_out = 0
+    for rec in records:
+        row = next(r for r in rows if r["id"] == rec["parent_id"])
+        if row["kind"] == "exam":
+            assert rec["status"] == "ok" and rec["backend"] == "passthrough"
+            continue
+        prompts = rw.load_prompts("v1", row["language"])
+        if row["kind"] == "dialogue":
+            text, _, n = hf_oracle(prompts.render("dialogue", paragraph=row["text"]))
+            tokens_out += n
+            assert rec["tokens_out"] == n
+            if rec["status"] == "ok":
+                assert rec["messages"] == rw.parse_dialogue(text, prompts)
+            else:
+                assert rec["step"] == "dialogue" and rec["raw"] == text
+                assert rw.parse_dialogue(text, prompts) is None or rec["reason"] not in ("dialogue_unparseable",
+                                                                                         "empty_output")
+            continue
+        q_text, _, n_q = hf_oracle(prompts.render("question", paragraph=row["text"]))
+        question = rw.clean_output(q_text, [prompts.labels["question"], "Question", "Q"])
+        if rec["step"] == "question":
+            assert rec["status"] == "reject" and rec["raw"] == q_text and rec["tokens_out"] == n_q
+            assert rec["reason"] == writer._check(question, prompts, is_answer=False)
+            tokens_out += n_q
+            continue
+        assert writer._check(question, prompts, is_answer=False) is None
+        a_text, _, n_a = hf_oracle(prompts.render("answer", paragraph=row["text"], question=question))
+        answer = rw.clean_output(a_text, [prompts.labels["answer"], "Answer", "A"])
+        assert rec["tokens_out"] == n_q + n_a
+        tokens_out += n_q + n_a
+        if rec["status"] == "ok":
+            generated_ok += 1
+            assert rec["messages"] == [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+            assert rec["backend"] == "hf" and rec["model"] == tiny_hf_model
+        else:
+            assert rec["step"] == "answer" and rec["raw"] == a_text
+            assert rec["reason"] == writer._check(answer, prompts, is_answer=True)
+    assert sum(s["tokens_out"] for s in summaries) == tokens_out
+    # what the validation rules make of these continuations (a fixed model: every reject above has its reason)
+    assert generated_ok >= 2, records
