@@ -379,11 +379,14 @@ def hf_oracle(tiny_hf_model) -> _Oracle:
     return _Oracle(tiny_hf_model)
 
 
-def test_hf_backend_returns_only_the_generated_text(make_cfg, tiny_hf_model, hf_oracle):
+def test_hf_backend_returns_only_the_generated_text(make_cfg, tiny_hf_model, hf_oracle, monkeypatch):
     """Catches the hf backend decoding prompt + generation (or another row's tokens, or not cutting at EOS): each
     completion is exactly the model's own continuation of its prompt, batched requests mapped back in order."""
     import asyncio
 
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # fp32 on CPU, as the oracle (a GPU means bf16)
     cfg = _hf_greedy_cfg(make_cfg, tiny_hf_model, "rewrite.batch_size=2")
     backend = rw.HFBackend(cfg.rewrite)
     requests = [rw.Request("question", rw.load_prompts("v1", r["language"]).render("question", paragraph=r["text"]),
@@ -403,9 +406,12 @@ def test_hf_backend_returns_only_the_generated_text(make_cfg, tiny_hf_model, hf_
         assert r.prompt[:40] not in c.text
 
 
-def test_hf_rewriter_counts_what_the_model_generated(make_cfg, tiny_hf_model, hf_oracle):
+def test_hf_rewriter_counts_what_the_model_generated(make_cfg, tiny_hf_model, hf_oracle, monkeypatch):
     """Catches generated items lost or altered between the model and the records (e.g. the prompt decoded with the
     generation, so items drop as leakage): every record is what the model said, accepted + rejected = input."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # fp32 on CPU, as the oracle
     cfg = _hf_greedy_cfg(make_cfg, tiny_hf_model, "rewrite.batch_size=4")
     storage = Storage.from_config(cfg)
     out = storage.uri("qa", "direct")
