@@ -20,6 +20,10 @@ demo: $(BIN)/.installed
 test: $(BIN)/.installed
 	$(BIN)/pytest
 
+# Plant known bugs one at a time in a temporary copy and check that the tests catch each (~5 min; not part of CI).
+mutants: $(BIN)/.installed
+	$(BIN)/python bench/mutants.py
+
 # Re-resolve the dependencies of pyproject.toml (within its upper bounds) in a scratch venv and rewrite the lock.
 lock:
 	rm -rf .lock-venv && $(PY) -m venv .lock-venv
@@ -30,4 +34,4 @@ lock:
 	mv constraints.new constraints.txt && rm -rf .lock-venv
 	@echo "constraints.txt rewritten: run 'make test demo' (after 'rm -rf $(VENV)') before committing it"
 
-.PHONY: install demo test lock
+.PHONY: install demo test lock mutants

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Callable
 
 from apollo_ray import config as config_mod
+from apollo_ray import preflight
 from apollo_ray.errors import user_error_in
 from apollo_ray.runtime import setup_logging
 
@@ -148,6 +149,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     module, _ = STAGES[args.command]
     stage: Callable = importlib.import_module(module).run
     cfg = load_config(args)
+    preflight.check(cfg, args.command)
     kwargs = {"models": args.model} if getattr(args, "model", None) else {}
     result = stage(cfg, **kwargs)
     if result is not None:

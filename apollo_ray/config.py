@@ -27,7 +27,8 @@ SAMPLE_DATA = PACKAGE_DIR / "sample_data"
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # inf / nan validate as floats by default: train.lr=.inf would train on NaNs
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 # ---------------------------------------------------------------------------------------------------- shared services
@@ -334,6 +335,15 @@ class Config(Section):
             if self.model.arch and m.layers > self.model.arch.num_hidden_layers:
                 raise _Impossible("moe.layers", m.layers,
                                   f"the model has only {self.model.arch.num_hidden_layers} decoder layers")
+        a = self.model.arch
+        if a and self.train.seq_len > a.max_position_embeddings:
+            raise _Impossible("train.seq_len", self.train.seq_len,
+                              f"longer than the model's {a.max_position_embeddings} positions "
+                              f"(model.arch.max_position_embeddings)")
+        if not (PACKAGE_DIR / "data" / "prompts" / self.rewrite.prompt_version).is_dir():
+            known = sorted(p.name for p in (PACKAGE_DIR / "data" / "prompts").iterdir() if p.is_dir())
+            raise _Impossible("rewrite.prompt_version", self.rewrite.prompt_version,
+                              f"no such prompt set (known: {', '.join(known)})")
         if self.rewrite.backend == "hf" and not self.rewrite.hf_model:
             raise _Impossible("rewrite.hf_model", None, "rewrite.backend=hf needs it (a hub id or a local path)")
         if self.model.base == "tiny" and self.model.arch is None:
@@ -513,10 +523,14 @@ def load(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str
     p = Path(path)
     if not p.exists():
         raise ConfigError(f"config file not found: {p}")
+    if not p.is_file():
+        raise ConfigError(f"--config {p}: not a file")
     try:
         raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"invalid config ({p}): not UTF-8 text (byte {e.start})") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"invalid config ({p}): not valid YAML: {e}") from None
+        raise ConfigError(f"invalid config ({p}): not valid YAML: {' '.join(str(e).split())}") from None
     origin = str(p) + (" + --set " + " ".join(overrides) if overrides else "")
     return resolve(raw, overrides, origin=origin)
 

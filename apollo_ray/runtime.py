@@ -29,7 +29,22 @@ def init_ray(num_cpus: int | None = None) -> None:
         log.info("local Ray dashboard: http://%s", ctx.dashboard_url)
 
 
+class _Redacting(logging.Filter):
+    """Credentials inside URLs never reach the log (a tracking.uri or base_url with user:password@)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from apollo_ray.redact import redact_text
+
+        message = record.getMessage()
+        if "://" in message:
+            record.msg, record.args = redact_text(message), None
+        return True
+
+
 def setup_logging(level: int = logging.INFO) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, _Redacting) for f in handler.filters):
+            handler.addFilter(_Redacting())
     for noisy in ("urllib3", "botocore", "s3fs", "aiobotocore", "filelock", "fsspec", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

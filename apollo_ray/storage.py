@@ -23,6 +23,7 @@ from typing import Any, Iterable, Iterator
 import fsspec
 
 from apollo_ray.errors import UserError
+from apollo_ray.redact import redact
 
 MANIFEST = "manifest.json"
 
@@ -216,6 +217,7 @@ class Manifest:
     def to_dict(self) -> dict:
         d = {k: getattr(self, k) for k in ("stage", "fingerprint", "counts", "config", "inputs", "files", "extra",
                                            "code_version", "created")}
+        d["config"], d["extra"] = redact(d["config"]), redact(d["extra"])  # a URL value may carry a credential
         d["shards"] = [vars(s) for s in self.shards]
         return d
 

@@ -1,8 +1,9 @@
 """MLflow tracking: one run per stage, nested under a pipeline run, with the lineage as tags.
 
 The default store is ``sqlite:///<storage root>/mlflow.db`` (MLflow 3 rejects a bare ``./mlruns``); on a cluster set
-``tracking.uri`` to the MLflow server. Params are the resolved config, flattened; no secret is ever in the config
-(only the names of the env vars that hold them), so logging it whole is safe.
+``tracking.uri`` to the MLflow server. Params are the resolved config, flattened; the config names the env vars that
+hold secrets, never the secrets, and any credential inside a URL value is redacted (``redact.py``) before it is
+logged. Artifacts live under ``<storage root>/mlflow-artifacts`` unless an MLflow server decides.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from apollo_ray import config as config_mod
+from apollo_ray.redact import redact, redact_text
 from apollo_ray.storage import code_version
 
 log = logging.getLogger(__name__)
@@ -34,7 +36,19 @@ class Tracker:
             if self.uri.startswith("sqlite:///"):
                 Path(self.uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
             mlflow.set_tracking_uri(self.uri)
+            if mlflow.get_experiment_by_name(cfg.tracking.experiment) is None:
+                # Artifacts (models, plots) under the storage root, not in whatever ./mlruns the driver starts in. An
+                # MLflow server (http) decides itself: its --artifacts-destination (set by the KubeRay manifests).
+                location = None if self.uri.startswith(("http://", "https://")) else self.artifact_root()
+                try:
+                    mlflow.create_experiment(cfg.tracking.experiment, artifact_location=location)
+                except mlflow.exceptions.MlflowException:
+                    pass  # created meanwhile by another process of this run
             mlflow.set_experiment(cfg.tracking.experiment)
+
+    def artifact_root(self) -> str:
+        root = self.cfg.uri("mlflow-artifacts")
+        return root if "://" in root else Path(root).as_uri()
 
     @contextlib.contextmanager
     def pipeline(self, name: str = "pipeline") -> Iterator["Run"]:
@@ -93,7 +107,7 @@ class Run:
             return
         from mlflow.entities import Param
 
-        items = [Param(k[:250], str(v)[:_MAX_PARAM_LEN]) for k, v in params.items()]
+        items = [Param(k[:250], redact_text(str(v))[:_MAX_PARAM_LEN]) for k, v in params.items()]
         for i in range(0, len(items), 100):
             self.client.log_batch(self.run_id, params=items[i:i + 100])
 
@@ -102,7 +116,7 @@ class Run:
             return
         from mlflow.entities import RunTag
 
-        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        self.client.log_batch(self.run_id, tags=[RunTag(k, redact_text(str(v))) for k, v in tags.items()])
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         if not self.run_id or not metrics:
@@ -126,4 +140,4 @@ class Run:
 
     def log_dict(self, obj: Any, name: str) -> None:
         if self.run_id:
-            self.client.log_dict(self.run_id, obj, name)
+            self.client.log_dict(self.run_id, redact(obj), name)

@@ -700,7 +700,10 @@ def plan_inputs(storage: Storage, sources: list[SourceConfig]) -> tuple[list[dic
                       for a in range(0, len(ds), HF_ROWS_PER_TASK)]
             continue
         suffixes = SUFFIXES[src.format] if src.format != "auto" else tuple(s for v in SUFFIXES.values() for s in v)
-        files = iter_files(storage, src.path, suffixes)
+        try:
+            files = iter_files(storage, src.path, suffixes)
+        except FileNotFoundError:
+            raise UserError(f"data.sources {src.name!r}: path {src.path} does not exist") from None
         if not files:
             raise UserError(f"data.sources {src.name!r}: no {'/'.join(suffixes)} files under {src.path}")
         identity[src.name] = [_file_identity(storage, f) for f in files]

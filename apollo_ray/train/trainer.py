@@ -8,6 +8,7 @@ resumes the run from its latest checkpoint — Ray Train V2 keeps the checkpoint
 
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
 from pathlib import Path
@@ -61,6 +62,10 @@ def run(cfg: Config, qa: str | None = None, callbacks: list | None = None) -> st
         qa = rewrite.run(cfg)
     init_uri = initial_model(cfg, storage)
     init_local = _local(storage, init_uri)
+    positions = json.loads((Path(init_local) / "config.json").read_text()).get("max_position_embeddings")
+    if positions and cfg.train.seq_len > positions:
+        raise UserError(f"train.seq_len={cfg.train.seq_len}: longer than the {positions} positions of model.base="
+                        f"{cfg.model.base!r}")
     mixture = dataset.build(cfg, storage, qa, init_local)
     mix = storage.read_manifest(mixture)
     out_uri = cfg.uri("models", cfg.train.run_name)
