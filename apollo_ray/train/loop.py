@@ -9,6 +9,7 @@ nothing repeated or skipped.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -16,7 +17,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -152,7 +153,7 @@ def train_loop_per_worker(config: dict) -> None:
     start_step, tokens_seen = 0, 0
     ckpt = ray.train.get_checkpoint()
     if ckpt:
-        with ckpt.as_directory() as d:
+        with ckpt.as_directory() as d, weights_only_checkpoints():
             engine.load_checkpoint(d, tag=DS_TAG)
             state = json.loads((Path(d) / STATE_FILE).read_text())
         start_step, tokens_seen = state["step"], state["tokens_seen"]
@@ -288,6 +289,30 @@ def train_loop_per_worker(config: dict) -> None:
             _report_with_checkpoint(engine, metrics, step + 1, tokens_seen, rank, last, is_moe)
         elif evaluated:
             ray.train.report({k: v for k, v in metrics.items() if "/" not in k})
+
+
+@contextlib.contextmanager
+def weights_only_checkpoints() -> Iterator[None]:
+    """DeepSpeed unpickles its checkpoint files with ``torch.load(weights_only=False)``: whoever can write the run's
+    ``checkpoints/`` (a shared bucket) could run code on every training worker at the next resume. Inside this block
+    they load with torch's weights-only unpickler instead, which builds tensors, containers and the few plain-state
+    DeepSpeed classes its optimizer states hold, and refuses any other global (an UnpicklingError naming it)."""
+    import torch
+    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    def load(self, path: str, map_location=None):
+        return torch.load(path, map_location=map_location, weights_only=True)
+
+    unsafe = TorchCheckpointEngine.load
+    TorchCheckpointEngine.load = load  # the class, so engines DeepSpeed builds internally use it too
+    try:
+        with torch.serialization.safe_globals([LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]):
+            yield
+    finally:
+        TorchCheckpointEngine.load = unsafe
 
 
 def _report_with_checkpoint(engine, metrics: dict, step: int, tokens_seen: int, rank: int, last: bool,
