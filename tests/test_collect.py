@@ -18,8 +18,9 @@ from apollo_ray.config import SAMPLE_DATA
 from apollo_ray.data import collect
 from apollo_ray.storage import Storage, join
 
-from conftest import XMEDBENCH_DEV
-
+# The workers read and write S3 in some tests: the server (and its env) must be up before the module's Ray starts,
+# which a session-scoped fixture requested by every test is (see ``ray_local`` in conftest.py).
+pytestmark = pytest.mark.usefixtures("s3")
 MAX_TOKENS = 40
 END_MARKS = ".!?。！？।॥؟۔"
 
@@ -125,16 +126,6 @@ def make_config(root: str, srcs: list[dict], *overrides: str, tracking: str | No
     raw = {"storage": {"root": root}, "data": {"sources": srcs, "paragraph_tokens": MAX_TOKENS},
            "tracking": {"enabled": tracking is not None, "uri": tracking}}
     return config_mod.resolve(raw, list(overrides))
-
-
-@pytest.fixture(scope="module")
-def ray_local(s3):
-    # Depends on s3 so that the workers inherit the S3 endpoint and credentials from the environment.
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -259,7 +250,7 @@ def test_config_change_makes_a_new_folder(local_run, tmp_path):
     # A sampling knob is not part of the corpus; a filter threshold is.
     same = make_config(cfg.storage.root, sources(files), "data.priorities.web=3")
     other = make_config(cfg.storage.root, sources(files), "data.min_chars=41")
-    _, identity = collect.plan_inputs(Storage.from_config(cfg), list(cfg.data.sources))
+    identity = collect.plan_inputs(Storage.from_config(cfg), list(cfg.data.sources)).identity
     assert collect.output_uri(same, identity)[0] == out
     assert collect.output_uri(other, identity)[0] != out
 
@@ -285,14 +276,14 @@ def test_same_run_on_s3(ray_local, s3, tmp_path):
     assert collect.run(cfg) == out
 
 
-def test_xmedbench_dev_loads_as_exam_source(ray_local, tmp_path):
-    src = {"name": "xmedbench-dev", "path": str(XMEDBENCH_DEV), "format": "json", "kind": "exam",
+def test_xmedbench_dev_loads_as_exam_source(ray_local, xmedbench_dev, tmp_path):
+    src = {"name": "xmedbench-dev", "path": str(xmedbench_dev), "format": "json", "kind": "exam",
            "text_field": "question", "language": "auto"}
     cfg = make_config(str(tmp_path / "store"), [src])
     out = collect.run(cfg)
     storage = Storage.from_config(cfg)
     m = storage.read_manifest(out)
-    n_files = {p.stem: len(json.loads(p.read_text(encoding="utf-8"))) for p in XMEDBENCH_DEV.glob("*.json")}
+    n_files = {p.stem: len(json.loads(p.read_text(encoding="utf-8"))) for p in xmedbench_dev.glob("*.json")}
     assert m.counts == {"in": 1114, "kept": 1114, "dropped": {}} and sum(n_files.values()) == 1114
     paras = collect.read_paragraphs(storage, out)
     assert Counter(paras["language"].to_pylist()) == Counter(n_files)

@@ -30,6 +30,7 @@ Decisions worth knowing:
 
 from __future__ import annotations
 
+import codecs
 import functools
 import hashlib
 import io
@@ -42,7 +43,7 @@ import time
 import unicodedata
 from collections import Counter, defaultdict
 from pathlib import Path, PurePosixPath
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -66,11 +67,14 @@ SHINGLE = 5  # character n-grams, so that CJK and other unspaced scripts shingle
 REPETITION_NGRAM = 10
 
 SUFFIXES: dict[str, tuple[str, ...]] = {
-    "jsonl": (".jsonl",), "json": (".json",), "parquet": (".parquet",), "txt": (".txt", ".md", ".markdown"),
+    "jsonl": (".jsonl", ".ndjson"), "json": (".json",), "parquet": (".parquet",), "txt": (".txt", ".md", ".markdown"),
 }
+# Compressed text files (`corpus.jsonl.gz`); names match case-insensitively (`NOTES.JSONL`).
+COMPRESSION: dict[str, str] = {".gz": "gzip", ".bz2": "bz2", ".xz": "xz", ".zst": "zstd"}
 CORRUPT_REASONS = ("invalid_utf8", "bad_json", "not_an_object", "missing_text", "wrong_type", "unknown_language",
                    "unreadable")
-FILTER_REASONS = ("language_unknown", "too_short", "symbol_ratio", "repetition", "exact_duplicate", "near_duplicate")
+FILTER_REASONS = ("too_short", "no_letters", "language_unknown", "symbol_ratio", "repetition", "exact_duplicate",
+                  "near_duplicate")
 
 # ------------------------------------------------------------------------------------------------- text cleaning
 # Boilerplate: whole lines of at most BOILERPLATE_MAX_CHARS chars matching one of these (case-insensitive). The
@@ -382,9 +386,12 @@ def _iter_task_rows(task: dict[str, Any], src: SourceConfig, endpoint: str | Non
 
     def row(rec: Any, n: int, raw: str) -> dict[str, Any]:
         try:
-            return _record_to_raw(rec, src, where(n), raw)
+            out = _record_to_raw(rec, src, where(n), raw)
         except _Corrupt as e:
             return _reject_row(where(n), e.reason, raw)
+        if not _encodable(out):  # valid JSON can still carry a lone surrogate ("\ud800") that no UTF-8 file holds
+            return _reject_row(where(n), "invalid_utf8", _printable(raw))
+        return out
 
     if fmt == "hf":
         ds = _load_hf(src)
@@ -393,32 +400,42 @@ def _iter_task_rows(task: dict[str, Any], src: SourceConfig, endpoint: str | Non
             yield row(rec, i + 1, json.dumps(rec, ensure_ascii=False, default=str))
         return
     fs = Storage(uri, endpoint).fs
+    compression = _compression(uri)
     if fmt == "jsonl":
-        with fs.open(uri, "rb") as f:
-            for n, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue  # blank lines are layout, not records
-                try:
-                    text = line.decode("utf-8")
-                except UnicodeDecodeError:
-                    yield _reject_row(where(n), "invalid_utf8", _decode(line))
-                    continue
-                try:
-                    rec = json.loads(text)
-                except json.JSONDecodeError:
-                    yield _reject_row(where(n), "bad_json", text)
-                    continue
-                yield row(rec, n, text.rstrip("\n"))
+        n = 0
+        try:
+            with fs.open(uri, "rb", compression=compression) as f:
+                for n, line in enumerate(_lines(f), start=1):
+                    if n == 1:
+                        line = line.removeprefix(codecs.BOM_UTF8)  # a BOM is an encoding mark, not part of record 1
+                    if not line.strip():
+                        continue  # blank lines are layout, not records
+                    try:
+                        text = line.decode("utf-8")
+                    except UnicodeDecodeError:
+                        yield _reject_row(where(n), "invalid_utf8", _decode(line))
+                        continue
+                    try:
+                        rec = json.loads(text)
+                    except (ValueError, RecursionError):  # bad JSON, or nesting deeper than the parser's stack
+                        yield _reject_row(where(n), "bad_json", text)
+                        continue
+                    yield row(rec, n, text.rstrip("\n"))
+        except Exception as e:  # corrupt compression, a truncated or vanished file: the lines after n are lost
+            yield _reject_row(where(n + 1), "unreadable", f"{type(e).__name__}: {e}")
     elif fmt == "json":
-        with fs.open(uri, "rb") as f:
-            data = f.read()
+        try:
+            data = _read_all(fs, uri, compression)
+        except Exception as e:
+            yield _reject_row(where(1), "unreadable", f"{type(e).__name__}: {e}")
+            return
         try:
             items = json.loads(data.decode("utf-8"))
         except UnicodeDecodeError as e:
             yield _reject_row(where(data[:e.start].count(b"\n") + 1), "invalid_utf8", _decode(data))
             return
-        except json.JSONDecodeError as e:
-            yield _reject_row(where(e.lineno), "bad_json", _decode(data))
+        except (ValueError, RecursionError) as e:
+            yield _reject_row(where(getattr(e, "lineno", 1)), "bad_json", _decode(data))
             return
         for n, rec in enumerate(items if isinstance(items, list) else [items], start=1):
             yield row(rec, n, json.dumps(rec, ensure_ascii=False, default=str))
@@ -435,8 +452,11 @@ def _iter_task_rows(task: dict[str, Any], src: SourceConfig, endpoint: str | Non
             except (pa.ArrowException, OSError) as e:  # not parquet, or truncated: the rows after n are lost
                 yield _reject_row(where(n + 1), "unreadable", f"{type(e).__name__}: {e}")
     elif fmt == "txt":
-        with fs.open(uri, "rb") as f:
-            data = f.read()
+        try:
+            data = _read_all(fs, uri, compression)
+        except Exception as e:
+            yield _reject_row(where(1), "unreadable", f"{type(e).__name__}: {e}")
+            return
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError as e:
@@ -446,6 +466,36 @@ def _iter_task_rows(task: dict[str, Any], src: SourceConfig, endpoint: str | Non
         yield row(rec, 1, text)
     else:
         raise ValueError(f"{uri}: unknown format {fmt!r}")
+
+
+def _read_all(fs: Any, uri: str, compression: str | None) -> bytes:
+    with fs.open(uri, "rb", compression=compression) as f:
+        return f.read().removeprefix(codecs.BOM_UTF8)  # a BOM is an encoding mark, not text
+
+
+def _lines(f: Any, chunk: int = 1 << 20) -> Iterator[bytes]:
+    """Lines of a binary stream, for streams that do not iterate by line (zstandard's reader)."""
+    rest = b""
+    while data := f.read(chunk):
+        *lines, rest = (rest + data).split(b"\n")
+        for line in lines:
+            yield line + b"\n"
+    if rest:
+        yield rest
+
+
+def _encodable(row: dict[str, Any]) -> bool:
+    try:
+        for v in row.values():
+            if isinstance(v, str):
+                v.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _printable(text: str) -> str:
+    return text.encode("utf-8", errors="backslashreplace").decode("utf-8")
 
 
 def _read_batch(batch: pa.Table, sources: list[SourceConfig], endpoint: str | None,
@@ -513,14 +563,28 @@ class Cleaner:
         r = {**r, "language": None, "language_mismatch": False, "exact": None, "minhash": None}
         if r["reason"] is not None:
             return r
+        try:
+            return self._clean(r)
+        except Exception as e:  # one record must never stop a stage: it is quarantined, with what went wrong
+            log.warning("collect: %s: cannot clean (%s: %s); quarantined as unreadable", r["where"],
+                        type(e).__name__, e)
+            return {**r, "reason": "unreadable", "exact": None, "minhash": None}
+
+    def _clean(self, r: dict[str, Any]) -> dict[str, Any]:
         d = self.data
         text = r["text"] = normalise(r["text"])
         instruction = r["kind"] in INSTRUCTION_KINDS
+        if not text.strip():
+            r["reason"] = "too_short"
+            return r
+        if r["kind"] not in ("math", "code") and not any(ch.isalpha() for ch in text):  # symbols, digits, controls
+            r["reason"] = "no_letters"
+            return r
         language, mismatch = self._language(text, r["declared_language"])
         r["language"], r["language_mismatch"] = language, mismatch
         if language is None:
             r["reason"] = "language_unknown"
-        elif not text.strip() or (not instruction and len(text) < d.min_chars):
+        elif not instruction and len(text) < d.min_chars:
             r["reason"] = "too_short"
         elif not instruction and symbol_ratio(text) > d.max_symbol_ratio:
             r["reason"] = "symbol_ratio"
@@ -646,13 +710,26 @@ def _write(ds, storage: Storage, folder: str, prefix: str, shard_rows: int) -> t
 
 
 # --------------------------------------------------------------------------------------------------- planning
-def _format(path: str, fmt: str) -> str:
-    if fmt != "auto":
-        return fmt
-    for f, suffixes in SUFFIXES.items():
-        if path.endswith(suffixes):
-            return f
-    raise UserError(f"cannot tell the format of {path}: set the source's format")
+def _compression(path: str) -> str | None:
+    return next((c for suffix, c in COMPRESSION.items() if path.lower().endswith(suffix)), None)
+
+
+def _file_format(path: str) -> str | None:
+    """The format a file's name says (case-insensitive, through a compression suffix); None: not a corpus file."""
+    name = path.lower()
+    if (c := _compression(name)) is not None:
+        name = name[: name.rindex(".")]
+        if name.endswith(".parquet"):
+            return None  # parquet compresses inside; a .parquet.gz is not readable as parquet
+    return next((f for f, suffixes in SUFFIXES.items() if name.endswith(suffixes)), None)
+
+
+def _format(path: str, fmt: str) -> str | None:
+    """The format to read ``path`` with under a source of format ``fmt``; None: skip it (and say so)."""
+    found = _file_format(path)
+    if fmt == "auto" or found is None:
+        return found
+    return fmt if found == fmt else None
 
 
 def _rel(uri: str, base: str) -> str:
@@ -684,10 +761,16 @@ def _file_identity(storage: Storage, uri: str) -> list[Any]:
     return [uri, info.get("size"), info.get("ETag") or info.get("mtime") or str(info.get("LastModified"))]
 
 
-def plan_inputs(storage: Storage, sources: list[SourceConfig]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """(read tasks, identity of every input per source) — the identities feed the output fingerprint."""
+class InputPlan(NamedTuple):
+    tasks: list[dict[str, Any]]  # one read task per file (or per slice of a Hugging Face dataset)
+    identity: dict[str, Any]  # source → identity of every input; feeds the output fingerprint
+    skipped: dict[str, list[str]]  # source → files under its path that are not of its format: reported, not read
+
+
+def plan_inputs(storage: Storage, sources: list[SourceConfig]) -> InputPlan:
     tasks: list[dict[str, Any]] = []
     identity: dict[str, Any] = {}
+    skipped: dict[str, list[str]] = {}
     for si, src in enumerate(sources):
         if _is_hf(src):
             ds = _load_hf(src)
@@ -701,15 +784,22 @@ def plan_inputs(storage: Storage, sources: list[SourceConfig]) -> tuple[list[dic
             continue
         suffixes = SUFFIXES[src.format] if src.format != "auto" else tuple(s for v in SUFFIXES.values() for s in v)
         try:
-            files = iter_files(storage, src.path, suffixes)
+            found = iter_files(storage, src.path, ("",))
         except FileNotFoundError:
             raise UserError(f"data.sources {src.name!r}: path {src.path} does not exist") from None
+        files = [f for f in found if _format(f, src.format)]
+        if len(files) < len(found):
+            others = [_rel(f, src.path) for f in found if f not in set(files)]
+            skipped[src.name] = others
+            log.warning("collect: source %r: %d file(s) not read, not of format %s (e.g. %s)", src.name, len(others),
+                        src.format, ", ".join(others[:3]))
         if not files:
-            raise UserError(f"data.sources {src.name!r}: no {'/'.join(suffixes)} files under {src.path}")
+            raise UserError(f"data.sources {src.name!r}: no {'/'.join(suffixes)} files under {src.path} (also "
+                            f"compressed: {'/'.join(COMPRESSION)})")
         identity[src.name] = [_file_identity(storage, f) for f in files]
         tasks += [{"source_idx": si, "file_idx": fi, "uri": f, "rel": _rel(f, src.path),
                    "format": _format(f, src.format), "start": 0, "stop": 0} for fi, f in enumerate(files)]
-    return tasks, identity
+    return InputPlan(tasks, identity, skipped)
 
 
 def semantic_config(data: DataConfig) -> dict[str, Any]:
@@ -787,7 +877,7 @@ def run(cfg: Config) -> str:
     names = [s.name for s in sources]
     if len(set(names)) != len(names):
         raise UserError(f"data.sources: duplicate source names in {names}")
-    tasks, identity = plan_inputs(storage, sources)
+    tasks, identity, skipped = plan_inputs(storage, sources)
     out, fp = output_uri(cfg, identity)
     if storage.has_manifest(out):
         log.info("collect: up to date (%s), skipping", out)
@@ -857,7 +947,8 @@ def run(cfg: Config) -> str:
         manifest = Manifest(
             stage=STAGE, fingerprint=fp, shards=shards, counts=counts, config=section, inputs=inputs, files=files,
             extra={"paragraphs": n_par, "tokens": n_tok, "language_mismatch": mismatches, "stats": stats,
-                   "schema_version": SCHEMA_VERSION, "quarantine": [vars(s) for s in quarantine]})
+                   "schema_version": SCHEMA_VERSION, "quarantine": [vars(s) for s in quarantine],
+                   "skipped_files": skipped})
         storage.write_manifest(out, manifest)
     log.info("collect: %d in, %d kept, dropped %s; %d paragraphs, %d tokens in %.1fs (%.0f docs/s) → %s",
              counts["in"], counts["kept"], counts["dropped"], n_par, n_tok, elapsed,
