@@ -282,6 +282,10 @@ class ServeConfig(Section):
     max_tokens: int = Field(512, ge=1)
     max_batch_items: int = Field(64, ge=1)
     max_concurrent_requests: int = Field(256, ge=1)
+    max_batch_size: int = Field(64, ge=1, description="requests one model replica decodes as one batch; more wait "
+                                                       "for a row (engine apollo)")
+    max_prefill_tokens: int = Field(4096, ge=1, description="padded prompt tokens one decode step prefills; a longer "
+                                                            "prompt is prefilled alone (engine apollo)")
     proxy: ProxyConfig | None = None
 
 

@@ -5,7 +5,7 @@ Deployments (Ray's Serve example shape: a FastAPI ingress apart from the models,
 - ``Ingress``: the OpenAI-compatible HTTP API of ``api.py`` (validation, auth, admission control); no model.
 - one ``ModelServer`` per served model, named after it: ``serve.model_name`` for a checkpoint (dense or Post-MoE,
   default: this run's trained model) and ``<model_name>-proxy`` for the proxy-tuned trio of ``serve.proxy``. A
-  replica loads its weights once and interleaves its requests token by token (see ``engine.py``).
+  replica loads its weights once and decodes its requests as one continuously batched set (see ``engine.Decoder``).
 - ``EvalJobs``: one replica holding the table of asynchronous benchmark evaluations.
 
 Sizing comes from the config: ``serve.replicas`` replicas of the ingress and of each model (or an
@@ -66,6 +66,8 @@ class ModelSpec:
     max_tokens: int = 512
     seed: int = 1234  # shot selection of /v1/eval/score
     batch_rows: int = 32  # option rows per scoring forward
+    max_batch_size: int = 64  # requests one replica decodes together; more wait for a row
+    max_prefill_tokens: int = 4096  # padded prompt tokens one decode step prefills
 
     @property
     def tokenizer_source(self) -> str:
@@ -78,7 +80,8 @@ def model_specs(cfg: Config) -> dict[str, ModelSpec]:
     s, r = cfg.serve, cfg.resources
     common = dict(dtype=cfg.model.dtype, use_gpu=r.use_gpu, threads=max(1, int(r.cpus_per_worker)),
                   endpoint_url=cfg.storage.endpoint_url, max_prompt_tokens=s.max_prompt_tokens,
-                  max_tokens=s.max_tokens, seed=cfg.eval.seed, batch_rows=4 * cfg.eval.batch_size)
+                  max_tokens=s.max_tokens, seed=cfg.eval.seed, batch_rows=4 * cfg.eval.batch_size,
+                  max_batch_size=s.max_batch_size, max_prefill_tokens=s.max_prefill_tokens)
     specs: dict[str, ModelSpec] = {}
     if s.model or not s.proxy:
         path = s.model or cfg.uri("models", cfg.train.run_name)
@@ -109,14 +112,17 @@ def _check_exists(path: str, key: str) -> None:
 class ModelServer:
     """One served model (a checkpoint, or the proxy-tuned trio as one ``ProxyLM``), loaded once per replica.
 
-    All torch work runs on one thread of the replica's own, a token at a time: concurrent requests interleave at token
-    granularity (none waits for another's whole answer) while the event loop stays free for Serve's control calls.
+    Continuous batching: every active request of the replica is a row of one ``engine.Decoder``, and one decode loop
+    advances them all a token per step, one hop to the replica's torch thread per step (not per request and token).
+    A request joins the batch at the next step after it arrives and leaves at its last token; its tokens reach its
+    ``stream`` through an asyncio queue. Torch work stays on that one thread so the event loop is free for Serve's
+    control calls; prompts are tokenized on a second thread so that they do not queue behind decode steps.
     """
 
     def __init__(self, spec: ModelSpec):
         import torch
 
-        from apollo_ray.serve.engine import context_length, eos_ids, load_checkpoint
+        from apollo_ray.serve.engine import Decoder, context_length, eos_ids, load_checkpoint
 
         torch.set_num_threads(spec.threads)  # the CPUs this replica reserved, not every core of the node
         self.spec = spec
@@ -133,7 +139,13 @@ class ModelServer:
             self.tokenizer = loaded["base"][1]
         self.context = context_length(self.lm)
         self.stop_ids = eos_ids(self.lm, self.tokenizer)
+        self.decoder = Decoder(self.lm, self.device, max_batch_size=spec.max_batch_size,
+                               max_prefill_tokens=spec.max_prefill_tokens)
         self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"{spec.name}-torch")
+        self._prep = ThreadPoolExecutor(1, thread_name_prefix=f"{spec.name}-tokenize")
+        self._queues: dict[Any, asyncio.Queue] = {}
+        self._wake: asyncio.Event | None = None
+        self._loop: asyncio.Task | None = None
         log.info("%s ready on %s (context %d)", spec.name, self.device, self.context)
 
     async def _run(self, fn: Any, *args: Any) -> Any:
@@ -142,16 +154,20 @@ class ModelServer:
     def _prompt_ids(self, req: GenerateRequest) -> tuple[list[int], str]:
         from apollo_ray.serve.engine import chat_prompt_ids, completion_prompt_ids
 
-        if req.messages is not None:
-            return chat_prompt_ids(self.tokenizer, req.messages), "messages"
-        return completion_prompt_ids(self.tokenizer, req.prompt or ""), "prompt"
+        field_name = "messages" if req.messages is not None else "prompt"
+        try:
+            if req.messages is not None:
+                return chat_prompt_ids(self.tokenizer, req.messages), field_name
+            return completion_prompt_ids(self.tokenizer, req.prompt or ""), field_name
+        except UnicodeEncodeError as e:  # a lone surrogate that got past the API: the client's text, not our bug
+            raise RequestError(field_name, f"not valid Unicode text ({e.reason})") from None
 
     async def _start(self, req: GenerateRequest) -> Any:
         from apollo_ray.serve.engine import Generation
 
         if req.alpha is not None and self.spec.proxy is None:
             raise RequestError("alpha", f"{self.spec.name!r} is not proxy-tuned; alpha applies to proxy models only")
-        ids, field_name = await self._run(self._prompt_ids, req)
+        ids, field_name = await asyncio.get_running_loop().run_in_executor(self._prep, self._prompt_ids, req)
         if len(ids) > self.spec.max_prompt_tokens:
             raise RequestError(field_name, f"{len(ids)} prompt tokens is over this server's limit of "
                                            f"{self.spec.max_prompt_tokens}")
@@ -161,8 +177,7 @@ class ModelServer:
             raise RequestError("max_tokens", f"{len(ids)} prompt tokens + max_tokens={sampling.max_tokens} is over "
                                              f"the model's context of {self.context} tokens")
         sampling = replace(sampling, max_tokens=min(sampling.max_tokens, room))
-        kwargs = {} if req.alpha is None else {"alpha": req.alpha}
-        return Generation(self.lm, self.tokenizer, ids, sampling, self.stop_ids, self.device, kwargs)
+        return Generation(self.tokenizer, ids, sampling, self.stop_ids, alpha=req.alpha)
 
     async def stream(self, req: GenerateRequest) -> AsyncIterator[dict[str, Any]]:
         """{"prompt_tokens"} (or {"refused"}), then {"text"} pieces, then {"finish_reason", "completion_tokens"}."""
@@ -172,14 +187,53 @@ class ModelServer:
             yield e.as_reply()
             return
         yield {"prompt_tokens": len(gen.prompt_ids)}
-        await self._run(gen.prefill)
+        queue: asyncio.Queue = asyncio.Queue()
+        self._queues[gen] = queue
+        self.decoder.submit(gen)
+        self._ensure_loop()
+        try:
+            while True:
+                step = await queue.get()
+                if isinstance(step, BaseException):
+                    raise step
+                if step.text:
+                    yield {"text": step.text}
+                if step.finish_reason:
+                    yield {"finish_reason": step.finish_reason, "completion_tokens": gen.completion_tokens}
+                    return
+        finally:
+            gen.cancel()  # a no-op when it has finished; else (the client went away) it leaves at the next step
+            self._queues.pop(gen, None)
+
+    def _ensure_loop(self) -> None:
+        if self._wake is None:
+            self._wake = asyncio.Event()
+        self._wake.set()
+        if self._loop is None or self._loop.done():
+            self._loop = asyncio.create_task(self._decode_loop())
+
+    async def _decode_loop(self) -> None:
+        """Step the decoder while it has work, one torch-thread hop per step; sleep when it has none."""
+        from apollo_ray.serve.engine import BatchFailed
+
         while True:
-            step = await self._run(gen.advance)
-            if step.text:
-                yield {"text": step.text}
-            if step.finish_reason:
-                yield {"finish_reason": step.finish_reason, "completion_tokens": gen.completion_tokens}
-                return
+            if self.decoder.idle:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            try:
+                steps = await self._run(self.decoder.step)
+            except BatchFailed as e:
+                log.error("%s: a decode step failed; failing its %d requests", self.spec.name, len(e.generations),
+                          exc_info=e.__cause__)
+                for gen in e.generations:
+                    if gen in self._queues:
+                        self._queues[gen].put_nowait(RuntimeError(f"decoding failed: {e.__cause__!r}"))
+                continue
+            for gen, step in steps:
+                queue = self._queues.get(gen)
+                if queue is not None:
+                    queue.put_nowait(step)
 
     async def generate(self, req: GenerateRequest) -> dict[str, Any]:
         out: dict[str, Any] = {"text": ""}

@@ -1,9 +1,10 @@
-"""The model side of serving, without Ray: loading a checkpoint, rendering prompts, and a token-by-token decode loop.
+"""The model side of serving, without Ray: loading a checkpoint, rendering prompts, and continuous batching.
 
-The loop is manual (one forward per token on the last position, each request with its own KV cache) rather than
-``model.generate``: streaming needs the tokens as they come, and proxy-tuning needs the logits of three models
-combined before each token is chosen, which ``generate`` has no place for. One ``Generation`` is one request; its
-``advance()`` does one token's work, so a server can interleave many requests at token granularity.
+Decoding is manual rather than ``model.generate``: streaming needs the tokens as they come, proxy-tuning needs the
+logits of three models combined before each token is chosen, and requests come and go while others decode, which
+``generate`` has no place for. One ``Generation`` is one request's sampling and text; one ``Decoder`` runs every
+active generation of a replica as one batch, one forward per token for all of them (``Decoder.step``), requests
+joining after their (batched) prefill and leaving when done.
 
 Errors a client caused are ``RequestError`` (the server answers 400 and names the field); anything else is a bug.
 """
@@ -11,7 +12,8 @@ Errors a client caused are ``RequestError`` (the server answers 400 and names th
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass, field
+from collections import deque
+from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
 import torch
@@ -203,55 +205,47 @@ class Step:
     finish_reason: str | None = None  # "stop" | "length" when the answer is over
 
 
-@dataclass
 class Generation:
-    """One request's decoding: prefill, then ``advance()`` once per token until it returns a finish reason.
+    """One request's answer: its sampling state, text stream and stop rules. It runs no forward of its own: a
+    ``Decoder`` batches its forwards with every other active generation's and hands it one row of logits per step.
 
-    ``forward_kwargs`` go to every forward (proxy-tuning's per-request α); the language model is anything with the
-    causal-LM call signature (``input_ids``, ``cache``, ``use_cache``, ``logits_to_keep`` → ``.logits``).
+    ``alpha`` is proxy-tuning's per-request α (None: the model's own). ``cancel()`` may be called from any thread; the
+    decoder drops the generation at its next step.
     """
 
-    lm: Any
-    tokenizer: Any
-    prompt_ids: list[int]
-    sampling: Sampling
-    stop_ids: frozenset[int]
-    device: Any = "cpu"
-    forward_kwargs: dict[str, Any] = field(default_factory=dict)
-    completion_tokens: int = 0
-    finish_reason: str | None = None
-
-    def __post_init__(self) -> None:
-        self._stream = TextStream(self.tokenizer, self.sampling.stop)
+    def __init__(self, tokenizer: Any, prompt_ids: list[int], sampling: Sampling, stop_ids: frozenset[int],
+                 alpha: float | None = None):
+        self.tokenizer, self.prompt_ids, self.sampling, self.stop_ids = tokenizer, prompt_ids, sampling, stop_ids
+        self.alpha = alpha
+        self.completion_tokens = 0
+        self.finish_reason: str | None = None
+        self.cancelled = False
+        self._stream = TextStream(tokenizer, sampling.stop)
         self._generator = None
-        if self.sampling.temperature > 0:
+        if sampling.temperature > 0:
             self._generator = torch.Generator(device="cpu")
-            if self.sampling.seed is None:
+            if sampling.seed is None:
                 self._generator.seed()
             else:
-                self._generator.manual_seed(self.sampling.seed & 0xFFFF_FFFF_FFFF_FFFF)
-        self._cache = None
-        self._logits_V: torch.Tensor | None = None
+                self._generator.manual_seed(sampling.seed & 0xFFFF_FFFF_FFFF_FFFF)
 
     @property
     def text(self) -> str:
         return self._stream.text
 
-    @torch.inference_mode()
-    def prefill(self) -> None:
-        self._forward(torch.tensor([self.prompt_ids], dtype=torch.long, device=self.device))
+    @property
+    def greedy(self) -> bool:
+        return self.sampling.temperature == 0
 
-    @torch.inference_mode()
-    def advance(self) -> Step:
-        if self.finish_reason is not None:
-            return Step("", self.finish_reason)
-        if self._logits_V is None:
-            raise RuntimeError("prefill() first")
-        if self.sampling.temperature == 0:
-            token = int(torch.argmax(self._logits_V))  # on the device: one integer crosses to the host, not V floats
-        else:  # on the CPU with a CPU generator: a seed gives the same answer on any device
-            token = choose(self._logits_V.float().cpu(), self.sampling.temperature, self.sampling.top_p,
-                           self._generator)
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def sample(self, logits_V: torch.Tensor) -> int:
+        # on the CPU with a CPU generator: a seed gives the same answer on any device, alone or in any batch
+        return choose(logits_V.float().cpu(), self.sampling.temperature, self.sampling.top_p, self._generator)
+
+    def accept(self, token: int) -> Step:
+        """Take the chosen token: the text it adds, and whether it ends the answer."""
         self.completion_tokens += 1
         if token in self.stop_ids:
             return self._finish("stop", "", flush=True)
@@ -260,17 +254,263 @@ class Generation:
             return self._finish("stop", delta, flush=False)
         if self.completion_tokens >= self.sampling.max_tokens:
             return self._finish("length", delta, flush=True)
-        self._forward(torch.tensor([[token]], dtype=torch.long, device=self.device))
         return Step(delta)
 
     def _finish(self, reason: str, delta: str, *, flush: bool) -> Step:
         self.finish_reason = reason
-        self._cache = self._logits_V = None  # the KV cache is the bulk of a request's memory: free it now
         # held-back text is part of the answer unless a stop sequence cut it off
         return Step(delta + (self._stream.flush() if flush else ""), reason)
 
-    def _forward(self, input_ids: torch.Tensor) -> None:
-        out = self.lm(input_ids=input_ids, cache=self._cache, use_cache=True, logits_to_keep=1,
-                      **self.forward_kwargs)
-        self._cache = out.cache
-        self._logits_V = out.logits[0, -1]
+
+class KVCache:
+    """Keys and values of the rows that decode together, one [B, H_kv, S, head_dim] pair per layer.
+
+    It is what a transformers attention layer needs of a cache (``update`` appends this forward's keys and values and
+    returns the whole, as ``DynamicCache`` does) plus the row and column surgery of continuous batching. Which slot
+    holds which row's token is the ``Decoder``'s business (its masks and positions), never the cache's.
+    """
+
+    def __init__(self) -> None:
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        if layer_idx == len(self.keys):
+            self.keys.append(key_states)
+            self.values.append(value_states)
+        else:
+            self.keys[layer_idx] = torch.cat([self.keys[layer_idx], key_states], dim=-2)
+            self.values[layer_idx] = torch.cat([self.values[layer_idx], value_states], dim=-2)
+        return self.keys[layer_idx], self.values[layer_idx]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.keys[layer_idx].shape[-2] if self.keys else 0
+
+    def select(self, dim: int, index: torch.Tensor) -> None:
+        """Keep rows (dim 0) or slots (dim 2) ``index``, in that order."""
+        self.keys = [k.index_select(dim, index) for k in self.keys]
+        self.values = [v.index_select(dim, index) for v in self.values]
+
+    def join(self, other: "KVCache") -> None:
+        """Append ``other``'s rows below this cache's, the shorter one padded with empty slots on the right."""
+        if not self.keys:
+            self.keys, self.values = other.keys, other.values
+            return
+        slots = max(self.get_seq_length(), other.get_seq_length())
+        pad = lambda t: torch.nn.functional.pad(t, (0, 0, 0, slots - t.shape[-2]))  # noqa: E731
+        self.keys = [torch.cat([pad(a), pad(b)]) for a, b in zip(self.keys, other.keys)]
+        self.values = [torch.cat([pad(a), pad(b)]) for a, b in zip(self.values, other.values)]
+
+
+def new_cache(lm: Any) -> Any:
+    """An empty batch cache for ``lm``: a ``KVCache``, or the model's own composite (a ProxyLM's three)."""
+    own = getattr(lm, "new_cache", None)
+    return own() if callable(own) else KVCache()
+
+
+def _members(cache: Any) -> list[KVCache]:
+    return list(cache.caches) if hasattr(cache, "caches") else [cache]
+
+
+@dataclass
+class DecoderStats:
+    steps: int = 0
+    prefill_forwards: int = 0
+    decode_forwards: int = 0
+    max_rows: int = 0  # the most generations one step advanced together
+
+
+class BatchFailed(RuntimeError):
+    """A step raised: every generation that was in the batch (or joining it) is lost; the decoder starts afresh."""
+
+    def __init__(self, generations: list[Generation]):
+        super().__init__(f"a decode step failed; {len(generations)} generations lost")
+        self.generations = generations
+
+
+class Decoder:
+    """Continuous batching: each ``step()`` advances every active generation by one token.
+
+    A step (1) prefills the generations waiting to join, as one left-padded batch (up to ``max_batch_size`` rows in
+    all and ``max_prefill_tokens`` padded prompt tokens per step), and appends them to the batch; (2) picks every
+    row's next token from its logits (argmax over the whole batch for greedy rows, each sampled row with its own
+    generator); (3) lets finished and cancelled rows leave; (4) runs one batched forward of the chosen tokens, whose
+    logits the next step picks from. No request waits for another's whole answer, and a request's tokens do not depend
+    on its batch: each row attends only to its own slots, at its own positions.
+
+    The batch cache (``KVCache``) has one row per generation and one slot per column; a row's prompt occupies the
+    first slots of its prefill batch and each step appends one slot to every row. ``valid_BS`` marks the slots that
+    hold one of the row's tokens, the rest being padding that the attention masks out; ``pos_BS`` holds each slot's
+    position in its row's sequence (rotary embeddings take explicit positions, sliding windows compare them).
+
+    All methods but ``submit`` must be called from one thread (the model's); ``submit`` and ``Generation.cancel`` may
+    come from any.
+    """
+
+    def __init__(self, lm: Any, device: Any = "cpu", *, max_batch_size: int = 64, max_prefill_tokens: int = 4096):
+        self.lm, self.device = lm, device
+        self.max_batch_size, self.max_prefill_tokens = max_batch_size, max_prefill_tokens
+        config = lm.config
+        self.window = getattr(config, "sliding_window", None) if "sliding_attention" in (
+            getattr(config, "layer_types", None) or ()) else None
+        self.dtype = next(lm.parameters()).dtype
+        self.per_row_alpha = hasattr(lm, "alpha")  # a ProxyLM: each row brings its own α
+        self.waiting: deque[Generation] = deque()
+        self.stats = DecoderStats()
+        self._reset()
+
+    def _reset(self) -> None:
+        self.rows: list[Generation] = []
+        self.cache = new_cache(self.lm)
+        self.valid_BS = torch.zeros(0, 0, dtype=torch.bool, device=self.device)
+        self.pos_BS = torch.zeros(0, 0, dtype=torch.long, device=self.device)
+        self.next_pos_B = torch.zeros(0, dtype=torch.long, device=self.device)
+        self.logits_BV: torch.Tensor | None = None
+
+    def submit(self, gen: Generation) -> None:
+        self.waiting.append(gen)
+
+    @property
+    def idle(self) -> bool:
+        return not self.rows and not self.waiting
+
+    @torch.inference_mode()
+    def step(self) -> list[tuple[Generation, Step]]:
+        """One token for every active generation: [(generation, its new text and finish reason)]."""
+        joining = self._admit()
+        if not self.rows and not joining:
+            return []
+        try:
+            self._leave([g.cancelled for g in self.rows])
+            if joining:
+                self._prefill(joining)
+            out = self._pick()
+            if self.rows:
+                self._decode()
+        except Exception as e:
+            lost = [g for g in self.rows + joining if g.finish_reason is None and not g.cancelled]
+            self._reset()
+            raise BatchFailed(lost) from e
+        self.stats.steps += 1
+        return out
+
+    # ------------------------------------------------------------------------------------------------------ phases
+    def _admit(self) -> list[Generation]:
+        joining: list[Generation] = []
+        longest = 0
+        while self.waiting and len(self.rows) + len(joining) < self.max_batch_size:
+            gen = self.waiting[0]
+            if gen.cancelled:
+                self.waiting.popleft()
+                continue
+            longest_then = max(longest, len(gen.prompt_ids))
+            # a prompt over the budget is prefilled alone rather than never
+            if joining and longest_then * (len(joining) + 1) > self.max_prefill_tokens:
+                break
+            joining.append(self.waiting.popleft())
+            longest = longest_then
+        return joining
+
+    def _prefill(self, joining: list[Generation]) -> None:
+        """The joining prompts as one batch, left-padded so that every row's last token is in the last column."""
+        lengths_B = torch.tensor([len(g.prompt_ids) for g in joining], device=self.device)
+        P = int(lengths_B.max())
+        ids_BP = torch.zeros(len(joining), P, dtype=torch.long)
+        for b, g in enumerate(joining):
+            ids_BP[b, P - len(g.prompt_ids):] = torch.tensor(g.prompt_ids)
+        start_B1 = (P - lengths_B).unsqueeze(1)
+        slot_P = torch.arange(P, device=self.device)
+        valid_BP = slot_P >= start_B1
+        pos_BP = (slot_P - start_B1).clamp(min=0)
+        causal_PP = slot_P.unsqueeze(1) >= slot_P.unsqueeze(0)
+        allowed_BPP = causal_PP & valid_BP.unsqueeze(1)
+        cache = new_cache(self.lm)
+        logits_BV = self._forward(ids_BP.to(self.device), allowed_BPP, pos_BP, pos_BP, cache, joining)
+        self.stats.prefill_forwards += 1
+
+        # append the joiners below the batch; the shorter side gets empty slots on the right
+        S = max(self.valid_BS.shape[1], P)
+        widen = lambda t: torch.nn.functional.pad(t, (0, S - t.shape[1]))  # noqa: E731
+        self.valid_BS = torch.cat([widen(self.valid_BS), widen(valid_BP)])
+        self.pos_BS = torch.cat([widen(self.pos_BS), widen(pos_BP)])
+        self.next_pos_B = torch.cat([self.next_pos_B, lengths_B])
+        for mine, theirs in zip(_members(self.cache), _members(cache)):
+            mine.join(theirs)
+        self.logits_BV = logits_BV if self.logits_BV is None else torch.cat([self.logits_BV, logits_BV])
+        self.rows += joining
+
+    def _pick(self) -> list[tuple[Generation, Step]]:
+        """Every row's next token, from the logits of its last forward; finished rows leave the batch."""
+        self.stats.max_rows = max(self.stats.max_rows, len(self.rows))
+        greedy_B = self.logits_BV.argmax(dim=-1).tolist()  # one host sync for the greedy rows' integers
+        tokens, out, done = [], [], []
+        for b, gen in enumerate(self.rows):
+            token = greedy_B[b] if gen.greedy else gen.sample(self.logits_BV[b])
+            step = gen.accept(token)
+            out.append((gen, step))
+            tokens.append(token)
+            done.append(step.finish_reason is not None)
+        self._next_B = torch.tensor([t for t, d in zip(tokens, done) if not d], dtype=torch.long)
+        self._leave(done)
+        return out
+
+    def _decode(self) -> None:
+        """One forward of every row's chosen token, each at its own next position, attending to its own slots."""
+        B = len(self.rows)
+        pos_B1 = self.next_pos_B.unsqueeze(1)
+        self.valid_BS = torch.cat([self.valid_BS, torch.ones(B, 1, dtype=torch.bool, device=self.device)], dim=1)
+        self.pos_BS = torch.cat([self.pos_BS, pos_B1], dim=1)
+        self.logits_BV = self._forward(self._next_B.unsqueeze(1).to(self.device), self.valid_BS.unsqueeze(1), pos_B1,
+                                       self.pos_BS, self.cache, self.rows)
+        self.next_pos_B = self.next_pos_B + 1
+        self.stats.decode_forwards += 1
+
+    def _leave(self, gone: list[bool]) -> None:
+        if not any(gone):
+            return
+        keep = [b for b, g in enumerate(gone) if not g]
+        self.rows = [self.rows[b] for b in keep]
+        if not keep:
+            self._reset()
+            return
+        index = torch.tensor(keep, device=self.device)
+        for c in _members(self.cache):
+            c.select(0, index)
+        self.valid_BS, self.pos_BS = self.valid_BS[index], self.pos_BS[index]
+        self.next_pos_B, self.logits_BV = self.next_pos_B[index], self.logits_BV[index]
+        # Slots no remaining row uses (a long prompt that has left) still cost attention every step: drop them once
+        # they are half the cache, so the copy is paid rarely.
+        live_S = self.valid_BS.any(dim=0)
+        if int((~live_S).sum()) * 2 >= live_S.numel():
+            slots = live_S.nonzero().squeeze(1)
+            for c in _members(self.cache):
+                c.select(2, slots)
+            self.valid_BS, self.pos_BS = self.valid_BS[:, slots], self.pos_BS[:, slots]
+
+    # -------------------------------------------------------------------------------------------------------- model
+    def _forward(self, ids_BT: torch.Tensor, allowed_BTS: torch.Tensor, pos_BT: torch.Tensor, pos_BS: torch.Tensor,
+                 cache: Any, rows: list[Generation]) -> torch.Tensor:
+        """Last-position logits [B, V] of ``ids_BT`` at positions ``pos_BT``; ``allowed_BTS``: which of the cache's
+        slots (after this forward's are appended) each query may attend to."""
+        # A query always sees itself: a padding query would otherwise see nothing, and the NaN of an empty softmax
+        # would reach the cache (0 · NaN is NaN for every row that later reads that slot, masked or not).
+        T = ids_BT.shape[1]
+        S = allowed_BTS.shape[-1]
+        self_TS = torch.arange(S - T, S, device=self.device).unsqueeze(1) == torch.arange(S, device=self.device)
+        allowed_BTS = allowed_BTS | self_TS
+        masks = {"full_attention": self._additive(allowed_BTS)}
+        masks["sliding_attention"] = masks["full_attention"] if self.window is None else self._additive(
+            allowed_BTS & ((pos_BT.unsqueeze(2) - pos_BS.unsqueeze(1)) < self.window) | self_TS)
+        kwargs: dict[str, Any] = {}
+        if self.per_row_alpha:
+            kwargs["alpha"] = torch.tensor([self.lm.alpha if g.alpha is None else g.alpha for g in rows],
+                                           device=self.device)
+        out = self.lm(input_ids=ids_BT, attention_mask=masks, position_ids=pos_BT, cache=cache, use_cache=True,
+                      logits_to_keep=1, **kwargs)
+        return out.logits[:, -1]
+
+    def _additive(self, allowed_BTS: torch.Tensor) -> torch.Tensor:
+        """[B, 1, T, S] additive mask (0 or the dtype's minimum): what eager and SDPA attention both accept."""
+        mask = torch.zeros(allowed_BTS.shape, dtype=self.dtype, device=self.device)
+        return mask.masked_fill_(~allowed_BTS, torch.finfo(self.dtype).min).unsqueeze(1)

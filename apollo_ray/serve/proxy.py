@@ -71,10 +71,14 @@ def pad_vocab(logits: torch.Tensor, size: int) -> torch.Tensor:
     return logits if extra == 0 else torch.nn.functional.pad(logits, (0, extra))
 
 
-def combine(z_base: torch.Tensor, z_expert: torch.Tensor, z_anti: torch.Tensor, alpha: float) -> torch.Tensor:
-    """z_base + α · (z_expert − z_anti) in fp32, each zero-padded to the largest vocabulary."""
+def combine(z_base: torch.Tensor, z_expert: torch.Tensor, z_anti: torch.Tensor,
+            alpha: float | torch.Tensor) -> torch.Tensor:
+    """z_base + α · (z_expert − z_anti) in fp32, each zero-padded to the largest vocabulary. ``alpha``: one number, or
+    one per row ([B], for logits [B, ..., V]) when a batch holds requests with their own α."""
     size = max(z.shape[-1] for z in (z_base, z_expert, z_anti))
     b, e, a = (pad_vocab(z.float(), size) for z in (z_base, z_expert, z_anti))
+    if torch.is_tensor(alpha):
+        alpha = alpha.to(device=b.device, dtype=b.dtype).reshape(-1, *([1] * (b.dim() - 1)))
     return b + alpha * (e - a)
 
 
@@ -122,12 +126,23 @@ class ProxyLM(nn.Module):
         # every position is fed to all three models: the shortest context bounds the trio's
         self.context_length = min(int(getattr(m.config, "max_position_embeddings", None) or 1 << 20) for m in models)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+    def new_cache(self) -> ProxyCache:
+        """An empty batch cache for the serving decoder: one per model."""
+        from apollo_ray.serve.engine import KVCache
+
+        return ProxyCache(KVCache(), KVCache(), KVCache())
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | dict | None = None,
                 position_ids: torch.Tensor | None = None, cache: ProxyCache | None = None,
-                use_cache: bool = False, logits_to_keep: int = 0, alpha: float | None = None) -> ProxyOutput:
+                use_cache: bool = False, logits_to_keep: int = 0,
+                alpha: float | torch.Tensor | None = None) -> ProxyOutput:
+        """``alpha``: this call's α, one number or one per row; ``attention_mask`` may be a mask per attention type
+        (a dict, as the serving decoder builds them): the three models see the same tokens at the same positions."""
         caches = ProxyCache(None, None, None) if cache is None else cache
 
-        def on(model: nn.Module, t: torch.Tensor | None) -> torch.Tensor | None:
+        def on(model: nn.Module, t: Any) -> Any:
+            if isinstance(t, dict):
+                return {k: v.to(model.device) for k, v in t.items()}
             return None if t is None else t.to(model.device)
 
         outs = [m(input_ids=on(m, input_ids), attention_mask=on(m, attention_mask), position_ids=on(m, position_ids),
