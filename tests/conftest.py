@@ -1,4 +1,9 @@
-"""Shared fixtures: real services (SeaweedFS S3, MLflow sqlite), started here and stopped after."""
+"""Shared fixtures: real services (SeaweedFS S3, MLflow sqlite), a local Ray, the developers' shared/ data.
+
+Data that is not in the repository lives in the developers' ``shared/`` folder beside the checkout (``SHARED``); every
+test reaches it through ``xmedbench_dev`` / ``kuberay_crds`` (or the constants below), which skip with where the data
+comes from when a clone has no such folder.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +15,27 @@ import pytest
 from apollo_ray import config as config_mod
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
+SHARED = Path(__file__).resolve().parents[2] / "shared"
 XMEDBENCH_DEV = SHARED / "data" / "xmedbench" / "dev"
 CRDS = SHARED / "kuberay" / "crds"
+
+
+def _shared_or_skip(path: Path, what: str) -> Path:
+    if not path.is_dir():
+        pytest.skip(f"{what} from the developers' shared/ folder beside the checkout: {path} not found")
+    return path
+
+
+@pytest.fixture(scope="session")
+def xmedbench_dev() -> Path:
+    """The XMedBench dev split (one JSON file per language), or a skip."""
+    return _shared_or_skip(XMEDBENCH_DEV, "XMedBench dev split (1,114 real exam questions)")
+
+
+@pytest.fixture(scope="session")
+def kuberay_crds() -> Path:
+    """The KubeRay CRDs (RayCluster, RayJob, RayService YAML), or a skip."""
+    return _shared_or_skip(CRDS, "KubeRay CRD schemas (ray.io_rayclusters/rayjobs/rayservices.yaml)")
 
 
 @pytest.fixture(scope="session")
@@ -30,6 +53,39 @@ def s3(tmp_path_factory):
         else:
             os.environ[k] = v
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A local Ray of 2 CPUs for the module, with its dashboard on 127.0.0.1 as ``runtime.init_ray`` starts it: the
+    State API (``ray.util.state``, which fault tests use to find their targets in this cluster only) needs it.
+
+    Workers inherit the environment at ``ray.init``: a module whose workers need the S3 server marks its tests
+    ``usefixtures("s3")`` — the session-scoped server then starts (and sets its env) before this fixture runs.
+    """
+    import ray
+
+    assert not ray.is_initialized(), "a Ray from an earlier module is still up"
+    saved = os.environ.pop("RAY_ADDRESS", None)  # never a cluster someone has running: a Ray of our own
+    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", logging_level="WARNING")
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+        if saved is not None:
+            os.environ["RAY_ADDRESS"] = saved
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op torch thread for the module: tiny matmuls are fastest single-threaded, and a second thread on a
+    busy 2-core box only contends (up to ~100x slower)."""
+    import torch
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
 
 
 @pytest.fixture

@@ -7,7 +7,8 @@ the dialogue is one labelled patient/doctor exchange of the two. ``usage`` count
 
 Failures are injected on a schedule: ``faults`` maps a substring of a paragraph to the modes that the successive
 requests about that paragraph get (then plain success): ``500``/``503``/``429`` (with Retry-After: 0), ``timeout``
-(sleep longer than the client waits, then answer), ``empty`` (empty content), ``no_choices`` (a body without
+(hold the reply until ``release()`` or the server stops, so that the client's timeout fires whatever the machine's
+load; with ``timeout_sleep_s`` set, sleep that long instead), ``empty`` (empty content), ``no_choices`` (a body without
 ``choices``), ``short`` (a 4-character answer), ``leak`` (the answer prefixed by a leakage phrase), ``wrong_lang`` (an
 English answer), ``garbage`` (text with no dialogue labels).
 
@@ -80,10 +81,12 @@ class PromptMatcher:
 
 class FakeOpenAI:
     def __init__(self, latency_s: float = 0.0, faults: dict[str, list[str]] | None = None,
-                 timeout_sleep_s: float = 2.0, port: int | None = None, version: str = "v1"):
+                 timeout_sleep_s: float | None = None, port: int | None = None, version: str = "v1"):
         self.latency_s = latency_s
         self.faults = {k: list(v) for k, v in (faults or {}).items()}
         self.timeout_sleep_s = timeout_sleep_s
+        self._released = threading.Event()  # set: held replies go out (and later ones are not held)
+        self.held = 0  # replies being held right now
         self.port = port or free_port()
         self.matcher = PromptMatcher(version)
         self.counts: Counter = Counter()    # outcome of every request (mode or "ok")
@@ -118,6 +121,18 @@ class FakeOpenAI:
                 "mean_handler_s": self._handler_s / max(self._served, 1)}
 
     # -- behaviour ---------------------------------------------------------------------------------------------
+    def release(self) -> None:
+        """Let every held reply go (a client that timed out on it has retried by then)."""
+        self._released.set()
+
+    async def _hold(self) -> None:
+        self.held += 1
+        try:
+            while not self._released.is_set():
+                await asyncio.sleep(0.01)
+        finally:
+            self.held -= 1
+
     def _mode(self, paragraph: str) -> str:
         for key, modes in self.faults.items():
             if key in paragraph and modes:
@@ -177,7 +192,10 @@ class FakeOpenAI:
             return JSONResponse({"error": {"message": f"injected {mode}", "type": "server_error"}}, int(mode),
                                 headers=headers)
         if mode == "timeout":
-            await asyncio.sleep(self.timeout_sleep_s)
+            if self.timeout_sleep_s is None:
+                await self._hold()
+            else:
+                await asyncio.sleep(self.timeout_sleep_s)
         text = self.reply(step, lang, values, ps)
         if mode == "empty":
             text = ""
@@ -215,6 +233,7 @@ class FakeOpenAI:
         return self
 
     def stop(self) -> None:
+        self.release()  # uvicorn waits for its handlers: a held one must not hold up the shutdown
         if self._server is not None:
             self._server.should_exit = True
             self._thread.join(timeout=10)

@@ -29,16 +29,15 @@ import yaml
 
 from apollo_ray import config as config_mod
 from apollo_ray import deploy
+from conftest import CRDS, REPO
 
-REPO = Path(__file__).resolve().parents[1]
-CRDS = Path(__file__).resolve().parents[2] / "shared" / "kuberay" / "crds"
 KUBERAY = REPO / "cluster" / "kuberay"
 RAY_UP = REPO / "cluster" / "ray-up.yaml"
 CRD_FILES = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml",
              "RayService": "ray.io_rayservices.yaml"}
 _DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 
-needs_crds = pytest.mark.skipif(not CRDS.is_dir(), reason=f"KubeRay CRDs not found at {CRDS}")
+needs_crds = pytest.mark.usefixtures("kuberay_crds")  # skips, saying where they come from, when they are absent
 
 
 # ---------------------------------------------------------------------------------------------------- the validator
@@ -275,8 +274,11 @@ def test_non_crd_objects_hang_together():
     objects = generated()
     opts = repo_options()
     by_kind = {(o["kind"], o["metadata"]["name"]): o for o in objects.values()}
+    assert {o["kind"] for o in objects.values()} - set(CRD_FILES) >= {
+        "Namespace", "ConfigMap", "Deployment", "Service", "PersistentVolumeClaim"}
     for name, obj in objects.items():
-        assert validation_errors(obj) == [], name
+        # What the API server checks of every object; the Ray kinds against their CRDs are test_every_manifest_...
+        assert _meta_errors(obj) == [], name
         if obj["kind"] != "Namespace":
             assert obj["metadata"]["namespace"] == opts.namespace
     deployment = by_kind[("Deployment", opts.mlflow_service)]
@@ -405,7 +407,10 @@ def test_serve_config_and_runtime_env_are_what_ray_accepts():
     RuntimeEnv(**env)  # raises on a bad working_dir URI or pip spec
     assert env["working_dir"] == repo_options().working_dir
     assert not any(p.startswith("ray") and not p.startswith("ray-") for p in env["pip"]), "the image provides Ray"
-    assert "torch>=2.4" in env["pip"]
+    # the tested versions: every dependency pinned to constraints.txt, the lock the Makefile installs
+    locked = deploy.locked_versions(REPO / "constraints.txt")
+    assert locked and all("==" in p for p in env["pip"])
+    assert f"transformers=={locked['transformers']}" in env["pip"] and f"torch=={locked['torch']}" in env["pip"]
 
 
 def test_deploy_options_reject_unknown_keys(tmp_path):
@@ -444,7 +449,9 @@ def test_ray_up_config_is_valid():
     assert _ray_up_errors(cfg) == []
     types = cfg["available_node_types"]
     assert {"head", "cpu-worker", "gpu-worker"} <= set(types) and cfg["head_node_type"] == "head"
-    assert any("pip install" in c and "apollo-ray" in c for c in cfg["setup_commands"])
+    assert any("pip install" in c and "-c ~/apollo-ray/constraints.txt" in c for c in cfg["setup_commands"])
+    locked_ray = deploy.locked_versions(REPO / "constraints.txt")["ray"]
+    assert deploy.DeployOptions().ray_version == locked_ray and f"rayproject/ray:{locked_ray}-" in RAY_UP.read_text()
     assert all("RAY_AUTH_MODE=token" in cmd for cmd in
                [cfg["head_start_ray_commands"][-1], cfg["worker_start_ray_commands"][-1]])
     import ray

@@ -12,7 +12,6 @@ from apollo_ray.config import BenchmarkConfig
 from apollo_ray.evaluation.benchmark import Item, ItemError, load_benchmark, load_shot_pool, parse_answer, parse_options
 from apollo_ray.storage import Storage
 
-DEV = Path(__file__).resolve().parents[2] / "shared" / "data" / "xmedbench" / "dev"
 DEV_TOTALS = {"ar": 54, "en": 416, "es": 137, "fr": 16, "hi": 54, "zh": 437}
 
 
@@ -22,18 +21,17 @@ def storage(tmp_path) -> Storage:
 
 
 @pytest.fixture(scope="module")
-def dev():
-    if not DEV.is_dir():
-        pytest.skip(f"XMedBench dev split not found at {DEV} (the shared/ folder beside the repo)")
-    return load_benchmark(BenchmarkConfig(name="xmedbench-dev", path=str(DEV)), Storage("/nonexistent-root"))
+def dev(xmedbench_dev):
+    return load_benchmark(BenchmarkConfig(name="xmedbench-dev", path=str(xmedbench_dev)),
+                          Storage("/nonexistent-root"))
 
 
-def test_real_dev_split_loads_unchanged_with_exact_counts(dev):
+def test_real_dev_split_loads_unchanged_with_exact_counts(dev, xmedbench_dev):
     items, rejects = dev
     assert rejects == []
     expected: Counter = Counter()
     raw_by_id: dict[str, dict] = {}
-    for f in sorted(DEV.glob("*.json")):
+    for f in sorted(xmedbench_dev.glob("*.json")):
         raw = json.loads(f.read_text(encoding="utf-8"))
         expected.update((f.stem, r["source"]) for r in raw)
         raw_by_id.update({f"{f.stem}-{i}": r for i, r in enumerate(raw)})

@@ -8,7 +8,7 @@ count tensor.
 from __future__ import annotations
 
 import json
-import time
+import logging
 from collections import Counter
 from pathlib import Path
 
@@ -26,18 +26,9 @@ from apollo_ray.model.tiny import ensure_base
 from apollo_ray.model.upcycle import upcycle_checkpoint
 from apollo_ray.storage import Manifest, Storage
 from apollo_ray.tracking import Tracker
-from conftest import XMEDBENCH_DEV
 
 SAMPLE_COUNTS = {p.stem: len(json.loads(p.read_text(encoding="utf-8"))) for p in (SAMPLE_DATA / "mcq").glob("*.json")}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls are fastest single-threaded; a second intra-op thread on a busy 2-core box only contends."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny matmuls are fastest single-threaded
 
 
 def _cfg(root: Path, *extra: str) -> config_mod.Config:
@@ -64,13 +55,25 @@ def trained(models) -> dict:
     return {**models, "train_run_id": train_run_id}
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
+def _distinct_experts(src: str, out: Path, sigma: float = 0.05) -> str:
+    """A copy of an upcycled model whose experts differ: upcycled experts are copies, so routing changes nothing and
+    a test of where the language ids go could not fail; perturbed, the chosen experts decide the output."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    ray.init(num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
+    model = AutoModelForCausalLM.from_pretrained(src)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for layer in model.config.moe_layers:
+            for p in model.model.layers[layer].mlp.experts.parameters():
+                p.add_(torch.randn(p.shape, generator=g) * sigma)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(src).save_pretrained(out)
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def distinct(models) -> str:
+    return _distinct_experts(models["moe"], models["root"] / "models" / "tiny-moe-distinct")
 
 
 def _metrics(run_id: str) -> dict[str, float]:
@@ -83,7 +86,7 @@ def _eval_run(cfg: config_mod.Config, out: str) -> str:
 
 # ------------------------------------------------------------------------------------------------------- evaluation
 @pytest.mark.slow
-def test_evaluate_sample_set_loglik(trained, ray_local):
+def test_evaluate_sample_set_loglik(trained, ray_local, caplog):
     cfg = _cfg(trained["root"])
     out = runner.run(cfg, [trained["moe"]])
     results = json.loads(Path(out, "results.json").read_text(encoding="utf-8"))
@@ -118,11 +121,18 @@ def test_evaluate_sample_set_loglik(trained, ray_local):
     assert train["eval/major"] == pytest.approx(r["major"]["accuracy"])
     assert train["eval/accuracy/en"] == pytest.approx(r["languages"]["en"]["accuracy"])
 
-    # A rerun finds the manifest and skips: same folder, nothing rewritten.
-    t0 = time.time()
-    assert runner.run(cfg, [trained["moe"]]) == out
+    # A rerun finds the manifest and skips: same folder, nothing scored, nothing rewritten.
+    files = {p: p.stat().st_mtime_ns for p in Path(out).rglob("*")}
+
+    def no_scoring(*args, **kwargs):
+        raise AssertionError("the rerun scored items: it should have found the manifest and skipped")
+
+    with pytest.MonkeyPatch.context() as mp, caplog.at_level(logging.INFO, logger=runner.log.name):
+        mp.setattr(runner, "score_on_ray", no_scoring)
+        assert runner.run(cfg, [trained["moe"]]) == out
+    assert f"evaluate: {out} is up to date (manifest present), skipping" in caplog.messages
+    assert {p: p.stat().st_mtime_ns for p in Path(out).rglob("*")} == files
     assert Storage.from_config(cfg).read_manifest(out).created == m.created
-    assert time.time() - t0 < 30
 
 
 @pytest.mark.slow
@@ -147,12 +157,12 @@ def test_two_models_side_by_side(trained, ray_local):
 
 
 @pytest.mark.slow
-def test_generate_with_language_ids_and_a_tight_budget(trained, ray_local):
+def test_generate_with_language_ids_and_a_tight_budget(trained, distinct, ray_local):
     """Greedy generation, hybrid routing in evaluation (language ids through Ray), prompts over budget rejected."""
     cfg = _cfg(trained["root"], "eval.scoring=generate", "eval.limit=2", "eval.max_new_tokens=4",
                "eval.hybrid_in_eval=true", "eval.max_prompt_tokens=130", "eval.shots=0")
-    out = runner.run(cfg, [trained["moe"]])
-    r = json.loads(Path(out, "results.json").read_text(encoding="utf-8"))["tiny-moe"]
+    out = runner.run(cfg, [distinct])
+    r = json.loads(Path(out, "results.json").read_text(encoding="utf-8"))["tiny-moe-distinct"]
     assert r["language_ids"] is True
     rejects = json.loads(Path(out, "rejects.json").read_text(encoding="utf-8"))
     assert rejects and all(x["reason"] == "prompt_too_long" for x in rejects)
@@ -161,18 +171,40 @@ def test_generate_with_language_ids_and_a_tight_budget(trained, ray_local):
     assert m.counts == {"in": 2 * len(SAMPLE_COUNTS), "kept": r["n"], "dropped": {"prompt_too_long": len(rejects)}}
     assert r["rejects"] == {"prompt_too_long": len(rejects)} and r["n"] > 0
     preds = [json.loads(x) for x in Path(out, "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
-    assert len(preds) == r["n"] and all(isinstance(p["output"], str) for p in preds)
+    assert len(preds) == r["n"]
+
+    # Each output is the model's own greedy text for the item's prompt with the item's language expert forced (here,
+    # one prompt at a time, no Ray); the same generation without the ids differs for some item, so the equality
+    # shows that the ids reached the router through Ray.
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from apollo_ray.evaluation.scoring import extract_answer, generate_answers
+
+    model = AutoModelForCausalLM.from_pretrained(distinct).eval()
+    model.config.hybrid_in_eval = True
+    tok = AutoTokenizer.from_pretrained(distinct)
+    prompts, too_long = runner.build_prompts(cfg.eval, runner.load_items(cfg, Storage.from_config(cfg)), tok)
+    assert len(too_long) == len(rejects)
+    experts = model.config.language_to_expert
+    changed = 0
+    for p in preds:
+        expert = experts.get(p["language"], -1)
+        with runner.language_ids(model, expert):
+            expected = generate_answers(model, tok, [prompts[p["uid"]]], max_new_tokens=4)[0]
+        assert p["output"] == expected, p
+        assert p["predicted"] == (extract_answer(expected) or None) and p["correct"] == (p["predicted"] == p["answer"])
+        changed += generate_answers(model, tok, [prompts[p["uid"]]], max_new_tokens=4)[0] != expected
+    assert changed > 0, "no output depends on the language ids: the comparison above would pass without them"
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not XMEDBENCH_DEV.exists(), reason="XMedBench dev files not present")
-def test_xmedbench_dev_files(trained, ray_local):
+def test_xmedbench_dev_files(xmedbench_dev, trained, ray_local):
     limit = 4
-    bench = json.dumps([{"name": "xmedbench-dev", "path": str(XMEDBENCH_DEV)}])
+    bench = json.dumps([{"name": "xmedbench-dev", "path": str(xmedbench_dev)}])
     cfg = _cfg(trained["root"], f"eval.benchmarks={bench}", f"eval.limit={limit}", "eval.max_prompt_tokens=1536")
     out = runner.run(cfg, [trained["moe"]])
     r = json.loads(Path(out, "results.json").read_text(encoding="utf-8"))["tiny-moe"]
-    files = sorted(p.stem for p in XMEDBENCH_DEV.glob("*.json"))
+    files = sorted(p.stem for p in xmedbench_dev.glob("*.json"))
     rejects = Counter(x["file"] for x in json.loads(Path(out, "rejects.json").read_text(encoding="utf-8")))
     for lang in files:
         assert r["languages"].get(lang, {}).get("n", 0) + rejects[lang] == limit, lang
@@ -243,6 +275,31 @@ def test_language_ids_reach_the_router(models):
     k = model.config.num_experts_per_tok
     assert tagged[:, 3, :].sum(-1).tolist() == [2 * 7 * k] * len(model.config.moe_layers)
     assert (tagged[:, 3, 3] == 2 * 7).all()  # hybrid: the language expert is always among the chosen
+
+
+def test_language_ids_decide_the_routing_only_when_configured(distinct):
+    """Eval-time routing seen in the outputs (the test above counts router selections): under ``language_ids`` a
+    model with hybrid_in_eval computes exactly what a forward given those ids per token computes, a different
+    expert gives different logits, and without hybrid_in_eval (or with no expert, -1) nothing changes."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(distinct).eval()
+    ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        plain = model(input_ids=ids).logits
+        model.config.hybrid_in_eval = True
+        explicit = {e: model(input_ids=ids, language_ids=torch.full_like(ids, e)).logits for e in (1, 4)}
+        for e in (1, 4):
+            with runner.language_ids(model, e):
+                torch.testing.assert_close(model(input_ids=ids).logits, explicit[e], atol=0, rtol=0)
+        assert not torch.allclose(explicit[1], explicit[4], atol=1e-4)
+        assert not torch.allclose(explicit[1], plain, atol=1e-4)
+        with runner.language_ids(model, -1):
+            torch.testing.assert_close(model(input_ids=ids).logits, plain, atol=0, rtol=0)
+        torch.testing.assert_close(model(input_ids=ids).logits, plain, atol=0, rtol=0)  # the hook is gone
+        model.config.hybrid_in_eval = False
+        with runner.language_ids(model, 4):
+            torch.testing.assert_close(model(input_ids=ids).logits, plain, atol=0, rtol=0)
 
 
 def test_analyze_refuses_a_dense_model(models):

@@ -3,8 +3,8 @@ Qwen2 trained here to always answer (C)."""
 
 from __future__ import annotations
 
+import itertools
 import random
-from pathlib import Path
 
 import pytest
 
@@ -58,6 +58,38 @@ EXTRACTION_CASES = [
 @pytest.mark.parametrize("text,expected", EXTRACTION_CASES)
 def test_extract_answer(text, expected):
     assert extract_answer(text) == expected
+
+
+# The tiers, highest first: a line's answer comes from the highest tier present in it, lower tiers being ignored.
+TIERS = [
+    ("parenthesised", ["(C)", "(C)", "（ج）"], "C"),  # Latin and Arabic bracketed labels count together
+    ("bare arabic", ["د"], "D"),
+    ("bare latin", ["B"], "B"),
+]
+
+
+@pytest.mark.parametrize("top", range(len(TIERS)))
+def test_extraction_order_the_highest_tier_wins_wherever_it_is_written(top):
+    """A second view of the order (the table above checks single cases): every arrangement of the top tier's labels
+    with every lower tier's labels and filler gives the top tier's answer."""
+    _, labels, expected = TIERS[top]
+    lower = [label for _, ls, _ in TIERS[top + 1:] for label in ls]
+    for lower_part in (lower, lower[::-1]):
+        for words in {p for p in itertools.permutations([*labels, *lower_part, "so"])}:
+            line = " ".join(words)
+            assert extract_answer(line) == expected, line
+            assert extract_answer(f"{line}\n(A) (A) (A)") == expected, line  # only the first non-empty line
+            assert extract_answer(f"\n  \n{line}") == expected, line
+    # Yes/No is read only when no tier has a label, and only as the whole line
+    assert extract_answer(f"Yes {labels[0]}") == expected and extract_answer(f"No, {labels[0]}") == expected
+
+
+def test_extraction_majority_then_first_written_across_scripts():
+    assert extract_answer("(ب) (A) (A)") == "A"  # Arabic-bracketed and Latin parenthesised labels are counted together
+    assert extract_answer("(ب) (A)") == "B" and extract_answer("(A) (ب)") == "A"  # a tie goes to the first written
+    assert extract_answer("（Ｄ） (B) (D)") == "D"  # full-width letters count as the ASCII letter
+    assert extract_answer("C or B") == "C" and extract_answer("B, C, C") == "C"  # bare letters: majority, then first
+    assert extract_answer("  yes . ") == "A" and extract_answer("Yes, it is.") is None
 
 
 def test_fullwidth_letters_are_a_deliberate_extension():
@@ -136,11 +168,8 @@ def test_shots_are_shed_before_the_item_is_dropped():
     assert e.value.reason == "prompt_too_long" and e.value.item_id == it.id
 
 
-def test_real_dev_prompts_are_reproducible_and_fit_4096_characters():
-    dev = Path(__file__).resolve().parents[2] / "shared" / "data" / "xmedbench" / "dev"
-    if not dev.is_dir():
-        pytest.skip(f"XMedBench dev split not found at {dev} (the shared/ folder beside the repo)")
-    items, _ = load_benchmark(BenchmarkConfig(name="dev", path=str(dev)), Storage("/nonexistent-root"))
+def test_real_dev_prompts_are_reproducible_and_fit_4096_characters(xmedbench_dev):
+    items, _ = load_benchmark(BenchmarkConfig(name="dev", path=str(xmedbench_dev)), Storage("/nonexistent-root"))
     pool = ShotPool(items)
     first = [build_prompt(it, pool, 3, seed=1234, max_tokens=4096) for it in items]
     assert first == [build_prompt(it, ShotPool(items[::-1]), 3, seed=1234, max_tokens=4096) for it in items]
@@ -151,16 +180,6 @@ def test_real_dev_prompts_are_reproducible_and_fit_4096_characters():
 
 # ------------------------------------------------------------------------------------------------------- tiny model
 STEPS = 20
-
-
-@pytest.fixture(scope="module")
-def one_thread():
-    """A tiny model on a shared 2-core machine runs several times faster on one thread than on two."""
-    torch = pytest.importorskip("torch")
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
 
 
 @pytest.fixture(scope="module")

@@ -17,13 +17,7 @@ DIMS = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_
             num_key_value_heads=2)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls are fastest single-threaded; a second intra-op thread on a busy 2-core box costs ~100x."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny matmuls are fastest single-threaded
 
 
 @pytest.fixture(scope="module")
@@ -132,6 +126,41 @@ def test_hybrid_in_training_always_includes_the_language_expert():
     assert torch.equal(ids[~replaced], plain[~replaced])
     assert torch.equal(ids[replaced, : K - 1], plain[replaced, : K - 1])
     assert torch.equal(ids[replaced, K - 1], lang[replaced])
+
+
+def test_hybrid_slot_placement_on_hand_made_router_logits():
+    """The same rule as above, on logits set by hand (a one-hot input picks a row of the router's weight): the
+    language expert replaces the k-th (lowest) pick, never a higher one, and only when the router did not pick it."""
+    block = PostMoEBlock(PostMoEConfig(**DIMS, moe_layers=[3], num_experts=E, num_experts_per_tok=3,
+                                       routing="hybrid", norm_topk_prob=True)).train()
+    # token t's router logits are row t: expert order by preference, highest first
+    prefs = [[2, 0, 1, 3], [3, 1, 0, 2], [1, 3, 2, 0], [0, 2, 3, 1], [0, 1, 2, 3]]
+    logits = torch.zeros(len(prefs), E)
+    for t, order in enumerate(prefs):
+        for rank, e in enumerate(order):
+            logits[t, e] = 4.0 - rank
+    with torch.no_grad():
+        block.router.weight.zero_()
+        block.router.weight[:, :len(prefs)] = logits.T
+    x = torch.eye(len(prefs), 64)
+    lang = torch.tensor([3, 1, 3, 1, -1])
+    with torch.no_grad():
+        got_logits, ids, w = block.route(x, lang)
+    torch.testing.assert_close(got_logits, logits)
+    assert ids.tolist() == [
+        [2, 0, 3],  # language 3 not picked: it takes the last slot (1 is dropped), the router's picks keep theirs
+        [3, 1, 0],  # language 1 already picked (2nd): unchanged
+        [1, 3, 2],  # language 3 already picked (2nd): unchanged
+        [0, 2, 1],  # language 1 is the router's last choice overall: it replaces 3 in the last slot
+        [0, 1, 2],  # no language: plain top-3
+    ]
+    probs = logits.softmax(-1)
+    expected_w = probs.gather(1, ids)
+    torch.testing.assert_close(w, expected_w / expected_w.sum(-1, keepdim=True))
+    # in evaluation without hybrid_in_eval the same block ignores the languages: plain top-3 for every token
+    with torch.no_grad():
+        _, plain, _ = block.eval().route(x, lang)
+    assert plain.tolist() == [order[:3] for order in prefs]
 
 
 def test_hybrid_in_eval_is_plain_topk_unless_configured():
@@ -308,13 +337,61 @@ def test_save_and_auto_load_round_trip(dense, tmp_path):
                                    model(ids, attention_mask=mask, language_ids=lang).logits, atol=0, rtol=0)
 
 
-def test_generate_with_a_language_per_sequence(dense):
+def _distinct_experts(model: PostMoEForCausalLM, sigma: float = 0.05) -> PostMoEForCausalLM:
+    """Upcycled experts are copies (routing changes nothing); perturbed, each expert computes its own function."""
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for layer in model.config.moe_layers:
+            for p in model.model.layers[layer].mlp.experts.parameters():
+                p.add_(torch.randn(p.shape, generator=g) * sigma)
+    return model
+
+
+def _greedy_by_full_forwards(model, ids, mask, language_ids, steps: int):
+    """Greedy tokens recomputing every position each step (no KV cache), with per-token language ids of each row's
+    language and position ids that skip the left padding, as generate computes them: the reference for generate."""
+    out, m = ids, mask
+    scores = []
+    with torch.no_grad():
+        for _ in range(steps):
+            lang = None if language_ids is None else language_ids[:, None].expand_as(out)
+            position_ids = (m.cumsum(-1) - 1).clamp(min=0)
+            logits = model(out, attention_mask=m, position_ids=position_ids, language_ids=lang).logits[:, -1]
+            scores.append(logits)
+            nxt = logits.argmax(-1, keepdim=True)
+            out, m = torch.cat([out, nxt], 1), torch.cat([m, torch.ones_like(nxt)], 1)
+    return out, torch.stack(scores, 1)
+
+
+@pytest.mark.parametrize("routing", ["hybrid", "language"])
+def test_generate_with_a_language_per_sequence(dense, routing):
     ids, mask, _ = batch()
-    model = make(dense, "hybrid").eval()
+    steps = 4
+    model = _distinct_experts(make(dense, routing)).eval()
     model.config.hybrid_in_eval = True
-    out = model.generate(ids, attention_mask=mask, language_ids=torch.tensor([0, 1, 3]), max_new_tokens=3,
-                         do_sample=False)
-    assert out.shape == (B, T + 3)
+
+    def generate(language_ids):
+        kw = {} if language_ids is None else {"language_ids": language_ids}
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
+                             output_logits=True, return_dict_in_generate=True, pad_token_id=0, **kw)
+        return out.sequences, torch.stack(out.logits, 1)
+
+    langs = torch.tensor([0, 1, 3])
+    seq, logits = generate(langs)
+    ref_seq, ref_logits = _greedy_by_full_forwards(model, ids, mask, langs, steps)
+    assert torch.equal(seq, ref_seq)  # the ids reach every cached decoding step, routed as a full forward routes
+    torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4)
+    # The ids decide the routing: other languages for the same rows change every row's next-token scores.
+    _, other = generate(torch.tensor([3, 0, 1]))
+    assert all(not torch.allclose(other[b, 0], logits[b, 0], atol=1e-3) for b in range(B))
+    # Routing off in evaluation: the ids are ignored, generation is the plain top-k model's.
+    model.config.hybrid_in_eval = False
+    if routing == "hybrid":
+        plain_seq, plain_logits = generate(None)
+        ignored_seq, ignored_logits = generate(langs)
+        assert torch.equal(ignored_seq, plain_seq)
+        torch.testing.assert_close(ignored_logits, plain_logits, atol=0, rtol=0)
+        assert not torch.allclose(plain_logits[:, 0], logits[:, 0], atol=1e-3)
 
 
 def test_upcycle_checkpoint_from_the_typed_config(dense, tmp_path, make_cfg):

@@ -178,14 +178,16 @@ def test_openai_faults_counted(ray_local, make_cfg):
                 "en-4": ["empty"], "en-5": ["no_choices"], "en-6": ["ok", "short"], "en-7": ["ok", "leak"],
                 "es-1": ["ok", "wrong_lang"], "dlg-bad": ["garbage"]}
     faults = {key[k]: v for k, v in schedule.items()}
-    with FakeOpenAI(faults=faults, timeout_sleep_s=1.5) as server:
+    # The "timeout" reply is held until the server stops, so the client's timeout fires exactly once (for en-2)
+    # however slow the machine; the timeout itself is generous, so no other reply is ever late enough to be retried.
+    with FakeOpenAI(faults=faults) as server:
         cfg = make_cfg("rewrite.backend=openai", f"rewrite.openai.base_url={server.base_url}",
-                       "rewrite.openai.model=fake-medical", "rewrite.openai.timeout_s=0.5",
+                       "rewrite.openai.model=fake-medical", "rewrite.openai.timeout_s=10",
                        "rewrite.openai.max_retries=3", "rewrite.openai.backoff_s=0.01", "rewrite.openai.concurrency=8",
                        "rewrite.openai.qps=200", "rewrite.batch_size=4", "rewrite.max_dialogue_chars=1000")
         storage = Storage.from_config(cfg)
         out = rw.run(cfg, write_corpus(storage, rows))
-        assert server.counts["unmatched"] == 0
+        assert server.counts["unmatched"] == 0 and server.counts["timeout"] == 1
     m = storage.read_manifest(out)
     expected_dropped = {"request_failed": 1, "empty_question": 1, "malformed_response": 1, "answer_too_short": 1,
                         "leakage": 1, "wrong_language": 1, "dialogue_too_long": 1, "dialogue_unparseable": 1}

@@ -320,14 +320,18 @@ def test_eval_job_runs_to_success(http, model):
 @pytest.mark.slow
 def test_api_key_enforced_on_every_route(server):
     url, _ = server
-    routes = [("GET", "/v1/models", None), ("GET", "/openapi.json", None), ("GET", "/v1/eval/jobs/x", None),
-              ("POST", "/v1/completions", {"model": "apollo", "prompt": "hi", "max_tokens": 2})]
-    for method, path, body in routes:
+    # With the key each route answers what it answers to anyone allowed in: no such job is a 404, the rest a 200.
+    routes = [("GET", "/v1/models", None, 200), ("GET", "/openapi.json", None, 200),
+              ("GET", "/v1/eval/jobs/x", None, 404),
+              ("POST", "/v1/completions", {"model": "apollo", "prompt": "hi", "max_tokens": 2}, 200)]
+    for method, path, body, allowed in routes:
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
             r = httpx.request(method, url + path, json=body, headers=headers, timeout=60)
             assert r.status_code == 401, (path, headers, r.status_code)
-        assert httpx.request(method, url + path, json=body, headers=AUTH, timeout=60).status_code in (200, 404)
-    assert httpx.get(url + "/v1/models", headers=AUTH).status_code == 200
+            assert r.json()["error"]["code"] == "invalid_api_key"
+        r = httpx.request(method, url + path, json=body, headers=AUTH, timeout=60)
+        assert r.status_code == allowed, (path, r.status_code, r.text[:300])
+    assert httpx.get(url + "/v1/eval/jobs/x", headers=AUTH, timeout=60).json()["error"]["param"] == "job_id"
 
 
 @pytest.mark.slow
@@ -401,23 +405,36 @@ def test_200_concurrent_requests_all_succeed(server):
 
 # --------------------------------------------------------------------------- without Ray: admission, config, app args
 class _SlowBackend:
-    """A backend whose answers wait for a signal, to hold admission slots open."""
+    """A backend whose answers wait for a signal, to hold admission slots open; ``entered`` is set once ``expect``
+    requests are inside ``generate`` (admitted, holding their slots)."""
 
-    def __init__(self) -> None:
+    def __init__(self, expect: int = 0) -> None:
         self.release = asyncio.Event()
+        self.entered = asyncio.Event()
+        self.expect, self.inside, self.calls = expect, 0, 0
 
     def model_names(self) -> list[str]:
         return ["m"]
 
     async def generate(self, model, request):
-        await self.release.wait()
+        self.calls += 1
+        self.inside += 1
+        if self.inside >= self.expect:
+            self.entered.set()
+        try:
+            await self.release.wait()
+        finally:
+            self.inside -= 1
         return {"text": "ok", "finish_reason": "stop", "prompt_tokens": 1, "completion_tokens": 1}
+
+
+DEADLINE_S = 60  # generous for a loaded machine; a test waiting on an event fails at it instead of hanging
 
 
 def test_concurrency_limit_answers_429_only_beyond_it():
     from apollo_ray.serve.api import ApiSettings, create_api
 
-    backend = _SlowBackend()
+    backend = _SlowBackend(expect=3)
     api = create_api(backend, ApiSettings(api_key=None, max_prompt_tokens=10, max_tokens=5, max_batch_items=4,
                                           max_concurrent_requests=3))
 
@@ -425,12 +442,73 @@ def test_concurrency_limit_answers_429_only_beyond_it():
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=api), base_url="http://t") as c:
             body = {"model": "m", "prompt": "p", "max_tokens": 1}
             held = [asyncio.create_task(c.post("/v1/completions", json=body)) for _ in range(3)]
-            await asyncio.sleep(0.2)
-            over = await c.post("/v1/completions", json=body)
-            backend.release.set()
-            return [over.status_code, *[(await t).status_code for t in held]]
+            try:
+                try:
+                    await asyncio.wait_for(backend.entered.wait(), DEADLINE_S)
+                except asyncio.TimeoutError:
+                    pytest.fail(f"only {backend.inside} of 3 requests were admitted within {DEADLINE_S} s")
+                over = await c.post("/v1/completions", json=body)  # all 3 slots held: refused at once
+                assert backend.calls == 3  # the refused request never reached the backend
+            finally:
+                backend.release.set()
+            codes = [over.status_code, *[(await asyncio.wait_for(t, DEADLINE_S)).status_code for t in held]]
+            after = await c.post("/v1/completions", json=body)  # slots released: admitted again
+            return [*codes, after.status_code]
 
-    assert asyncio.run(main()) == [429, 200, 200, 200]
+    assert asyncio.run(main()) == [429, 200, 200, 200, 200]
+
+
+class _EchoBackend:
+    """An in-process backend that answers at once (auth is decided before any backend call)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def model_names(self) -> list[str]:
+        return ["m"]
+
+    async def generate(self, model, request):
+        self.calls += 1
+        return {"text": "ok", "finish_reason": "stop", "prompt_tokens": 1, "completion_tokens": 1}
+
+    async def eval_status(self, job_id):
+        return None
+
+
+def test_api_key_is_enforced_in_process():
+    """The key check without Ray or Serve: 401 (OpenAI's error body, a WWW-Authenticate challenge) for a missing,
+    wrong, prefixed-but-wrong or scheme-less key on every route, and the route's own answer with the right one."""
+    from apollo_ray.serve.api import ApiSettings, create_api
+
+    backend = _EchoBackend()
+    api = create_api(backend, ApiSettings(api_key=KEY, max_prompt_tokens=10, max_tokens=5, max_batch_items=4,
+                                          max_concurrent_requests=8))
+    routes = [("GET", "/v1/models", None, 200), ("GET", "/openapi.json", None, 200),
+              ("GET", "/v1/eval/jobs/x", None, 404),
+              ("POST", "/v1/completions", {"model": "m", "prompt": "p", "max_tokens": 1}, 200),
+              ("POST", "/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "p"}]}, 200)]
+    refused = [{}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Bearer {KEY}x"},
+               {"Authorization": f"Bearer {KEY[:-1]}"}, {"Authorization": KEY}, {"Authorization": f"Basic {KEY}"},
+               {"X-Api-Key": KEY}]
+
+    async def main() -> None:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=api), base_url="http://t",
+                                     timeout=DEADLINE_S) as c:
+            for method, path, body, allowed in routes:
+                before = backend.calls
+                for headers in refused:
+                    r = await c.request(method, path, json=body, headers=headers)
+                    assert r.status_code == 401, (path, headers, r.status_code)
+                    assert r.headers["www-authenticate"] == "Bearer"
+                    assert r.json()["error"]["type"] == "authentication_error", r.text
+                assert backend.calls == before  # nothing reached the model without the key
+                for auth in (AUTH, {"Authorization": f"bearer {KEY}"}):  # the scheme is case-insensitive
+                    r = await c.request(method, path, json=body, headers=auth)
+                    assert r.status_code == allowed, (path, r.status_code, r.text[:300])
+            assert backend.calls == 2 * 2  # the two generating routes, once per accepted header
+            assert (await c.get("/v1/models", headers=AUTH)).json()["data"][0]["id"] == "m"
+
+    asyncio.run(main())
 
 
 def test_serve_config_round_trips(make_cfg, tmp_path):

@@ -7,6 +7,7 @@ same items in the same order — nothing repeated, nothing skipped.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -27,7 +28,10 @@ from apollo_ray.storage import Storage
 from helpers import write_sample_qa
 
 pytestmark = pytest.mark.slow
-STEPS = 40  # long enough that the kills below land mid-run (a tiny step takes ~0.15 s)
+# The kills below follow the first checkpoint (step 4) at once and each test asserts that its run resumed from a
+# checkpoint before the end; 36 more steps leave the run far from done whatever the machine's speed.
+STEPS = 40
+DEADLINE_S = 900  # for a wait on the run: generous on a loaded machine, then a failure that says what it waited for
 
 
 def _cfg(root: Path, run_name: str, *extra: str) -> config_mod.Config:
@@ -42,15 +46,6 @@ def store(tmp_path_factory):
     storage = Storage.from_config(cfg)
     qa = write_sample_qa(storage, cfg.uri("qa", "sample"))
     return root, qa
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -151,54 +146,120 @@ def _checkpoints(root: Path, run_name: str) -> list[Path]:
     return sorted(p.parent for p in (root / "checkpoints" / run_name).glob("checkpoint_*/trainer_state.json"))
 
 
+def _registered_step(root: Path, run_name: str) -> int:
+    """The step of the latest checkpoint that Ray Train's controller has registered (and saved in its run state), 0
+    before any. A restart resumes from this one: a checkpoint already on disk but not yet registered does not count."""
+    snapshot = root / "checkpoints" / run_name / "checkpoint_manager_snapshot.json"
+    try:
+        latest = json.loads(snapshot.read_text())["latest_checkpoint_result"]
+    except (FileNotFoundError, ValueError, KeyError):  # not written yet, or being written
+        return 0
+    return int(latest["metrics"]["step"]) if latest else 0
+
+
 def test_restarted_job_with_same_name_resumes(store, baseline):
     root, qa = store
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    # Its own session (process group): the driver and the local Ray it starts, and nothing else, get the kill.
     proc = subprocess.Popen([sys.executable, "-c", _train_script(root, qa, "restart")], env=env,
                             start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     # Kill the job as soon as Ray Train's run state (which the rerun restores) records a checkpoint.
-    snapshot = root / "checkpoints" / "restart" / "checkpoint_manager_snapshot.json"
-    deadline = time.time() + 600
-    while time.time() < deadline and proc.poll() is None and not (
-            snapshot.exists() and '"checkpoint_dir_name"' in snapshot.read_text()):
-        time.sleep(0.1)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert _checkpoints(root, "restart"), "the first attempt never checkpointed"
+    deadline = time.monotonic() + DEADLINE_S
+    while time.monotonic() < deadline and proc.poll() is None and not _registered_step(root, "restart"):
+        time.sleep(0.05)
+    at_kill = _registered_step(root, "restart")
+    running = proc.poll() is None  # not reaped: its pid (= its group id) cannot have been reused
+    if running:
+        os.killpg(proc.pid, signal.SIGKILL)
+    code = proc.wait(timeout=60)
+    assert running, f"the first attempt ended (exit code {code}) before it recorded a checkpoint: nothing to kill"
+    assert code == -signal.SIGKILL
+    assert _checkpoints(root, "restart"), f"no checkpoint within {DEADLINE_S} s"
     r = subprocess.run([sys.executable, "-c", _train_script(root, qa, "restart")], env=env, capture_output=True,
-                       text=True, timeout=900)
+                       text=True, timeout=DEADLINE_S)
     assert r.returncode == 0, r.stderr[-3000:]
     resumed = re.search(rf"resumed at step (\d+)/{STEPS}", r.stdout + r.stderr)
-    assert resumed and 4 <= int(resumed[1]) < STEPS and int(resumed[1]) % 4 == 0, (r.stdout + r.stderr)[-3000:]
+    assert resumed and at_kill <= int(resumed[1]) < STEPS and int(resumed[1]) % 4 == 0, (r.stdout + r.stderr)[-3000:]
     out = [line.split(" ", 1)[1] for line in r.stdout.splitlines() if line.startswith("OUT ")][0]
     _assert_same_weights(out, baseline[1])
 
 
-def test_killed_worker_is_replaced_and_run_continues(store, baseline):
-    import psutil
+def _train_workers(**where: str) -> list:
+    """Ray Train's worker actors in this test's own Ray (the module's ``ray_local``: the State API of the Ray this
+    process started, its node), never a process of another job on the host; extra ``where`` filters by field."""
+    import ray
+    from ray.util.state import list_actors
 
+    node = ray.get_runtime_context().get_node_id()
+    filters = [("class_name", "=", "RayTrainWorker"), ("node_id", "=", node), *((k, "=", v) for k, v in where.items())]
+    return list_actors(filters=filters, limit=10_000)
+
+
+def _train_log(run_name: str) -> list[str]:
+    """The messages of one run in Ray Train's worker logs (``logs/train/ray-train-app-worker-*.log`` of this test's
+    Ray session, JSON lines tagged with the run name), read through the State API."""
+    import ray
+    from ray.util.state import get_log, list_logs
+
+    node = ray.get_runtime_context().get_node_id()
+    files = [f for fs in list_logs(node_id=node, glob_filter="train/ray-train-app-worker-*").values() for f in fs]
+    messages = []
+    for f in files:
+        for line in "".join(get_log(node_id=node, filename=f)).splitlines():
+            record = json.loads(line)
+            if record.get("run_name") == run_name:
+                messages.append(record["message"])
+    return messages
+
+
+def test_killed_worker_is_replaced_and_run_continues(store, baseline, ray_local):
     from apollo_ray.train import trainer
 
     root, qa = store
     cfg = _cfg(root, "workerkill")
-    killed: list[int] = []
+    earlier = {a.actor_id for a in _train_workers()}  # the workers of the module's earlier runs
+    killed: dict = {}
+    errors: list[BaseException] = []
+    done = threading.Event()
 
     def killer():
-        deadline = time.time() + 600
-        while not _checkpoints(root, "workerkill") and time.time() < deadline:
-            time.sleep(0.2)
-        # Ray names a worker process after its actor class; the state API would need the dashboard.
-        workers = [p for p in psutil.process_iter(["pid", "cmdline"])
-                   if "ray::RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
-        if workers:
-            os.kill(workers[-1].info["pid"], signal.SIGKILL)
-            killed.append(workers[-1].info["pid"])
+        try:
+            deadline = time.monotonic() + DEADLINE_S
+            workers: list = []
+            while not done.is_set() and time.monotonic() < deadline:
+                if len(workers) < 2:  # this run's two, found before its checkpoint so that the kill follows it at once
+                    workers = [a for a in _train_workers(state="ALIVE") if a.actor_id not in earlier]
+                elif step := _registered_step(root, "workerkill"):
+                    victim = workers[-1]
+                    cmdline = Path(f"/proc/{victim.pid}/cmdline").read_bytes()
+                    assert b"RayTrainWorker" in cmdline, (victim, cmdline)  # still that actor's process
+                    os.kill(victim.pid, signal.SIGKILL)
+                    killed.update(actor_id=victim.actor_id, pid=victim.pid, step=step)
+                    return
+                time.sleep(0.05)
+        except BaseException as e:  # noqa: BLE001 (reported by the test thread)
+            errors.append(e)
 
     t = threading.Thread(target=killer, daemon=True)
     t.start()
-    out = trainer.run(cfg, qa)
-    t.join(timeout=5)
-    assert killed, "no worker was killed: the run finished before its first checkpoint"
+    try:
+        out = trainer.run(cfg, qa)
+    finally:
+        done.set()
+        t.join(timeout=60)
+    assert not errors, errors
+    assert killed, "no worker was killed: the run finished before its first checkpoint (or its workers never showed)"
+    # The kill happened in this run, and the run went on in a new worker group that resumed from a checkpoint.
+    mine = {a.actor_id: a for a in _train_workers() if a.actor_id not in earlier}
+    assert len(mine) == 4, [(a.actor_id, a.pid, a.state) for a in mine.values()]  # the first group of 2, a new one
+    assert mine[killed["actor_id"]].state == "DEAD"
+    log = _train_log("workerkill")
+    resumed = [m for m in log if re.fullmatch(rf"resumed at step \d+/{STEPS} from .*", m)]
+    assert len(resumed) == 1, log[-40:]  # rank 0 of the new group, once
+    step = int(re.search(r"step (\d+)/", resumed[0])[1])
+    # from the latest checkpoint registered at the kill (or a later one), well before the end
+    assert killed["step"] <= step < STEPS and step % 4 == 0, (killed, resumed)
+    assert f"step {STEPS}/{STEPS} " in " ".join(log)  # and trained to the end
     _assert_same_weights(out, baseline[1])
 
 

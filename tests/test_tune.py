@@ -91,13 +91,18 @@ def test_sweep_killed_driver_resumes_without_rerunning_finished_trials(tmp_path)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     proc = subprocess.Popen([sys.executable, "-c", _script(tmp_path)], env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 900
-    while _finished_trials(tmp_path) < 1 and time.time() < deadline and proc.poll() is None:
-        time.sleep(1)
-    if proc.poll() is None:
+    deadline = time.monotonic() + 900
+    while _finished_trials(tmp_path) < 1 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    # Its own session (process group): the driver and the local Ray it started get the kill, nothing else. Not
+    # reaped yet, so its pid (the group id) cannot have been reused.
+    running = proc.poll() is None
+    if running:
         os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert _finished_trials(tmp_path) >= 1, "no trial finished before the kill"
+    code = proc.wait(timeout=60)
+    assert running and code == -signal.SIGKILL, f"the sweep ended (exit code {code}) before the kill: nothing to resume"
+    finished = _finished_trials(tmp_path)
+    assert 1 <= finished < len(GRID), f"{finished} trials finished before the kill (of {len(GRID)})"
     r = subprocess.run([sys.executable, "-c", _script(tmp_path)], env=env, capture_output=True, text=True,
                        timeout=1200)
     assert r.returncode == 0, r.stderr[-4000:]
