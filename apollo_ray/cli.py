@@ -77,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
             if name in ("evaluate", "analyze"):
                 p.add_argument("--model", action="append", default=[],
                                help="model(s) to evaluate: path/URI/hub id (repeatable); default: this run's model")
+            if name == "evaluate":
+                p.add_argument("--export-lm-eval", metavar="DIR", default=None,
+                               help="write lm-evaluation-harness task files for eval.benchmarks (prompts rendered "
+                                    "for the model's tokenizer) to DIR instead of evaluating")
             if name == "serve":
                 p.add_argument("--write-config", metavar="PATH", default=None,
                                help="write a Serve config file for `serve deploy` instead of serving")
@@ -145,6 +149,12 @@ def _dispatch(args: argparse.Namespace) -> int:
         from apollo_ray.serve import app
 
         print(app.write_config(load_config(args), args.write_config))
+        return 0
+    if args.command == "evaluate" and args.export_lm_eval:
+        from apollo_ray.evaluation import lmeval
+
+        print(json.dumps(lmeval.export(load_config(args), args.model or None, args.export_lm_eval), indent=1,
+                         ensure_ascii=False))
         return 0
     module, _ = STAGES[args.command]
     stage: Callable = importlib.import_module(module).run

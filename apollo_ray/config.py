@@ -33,7 +33,8 @@ class Section(BaseModel):
 
 # ---------------------------------------------------------------------------------------------------- shared services
 class StorageConfig(Section):
-    root: str = Field("./apollo-runs", validate_default=True, description="fsspec URI every stage writes under: a local path or s3://bucket/prefix")
+    root: str = Field("./apollo-runs", validate_default=True,
+                      description="fsspec URI every stage writes under: a local path or s3://bucket/prefix")
     endpoint_url: str | None = Field(None, description="S3 endpoint (else AWS_ENDPOINT_URL / AWS_ENDPOINT_URL_S3)")
     shard_rows: int = Field(5000, gt=0, description="rows per parquet shard")
 
@@ -247,13 +248,26 @@ def _sample_benchmarks() -> list[BenchmarkConfig]:
 
 class EvalConfig(Section):
     benchmarks: list[BenchmarkConfig] = Field(default_factory=_sample_benchmarks)
-    scoring: Literal["loglik", "generate"] = "loglik"
+    protocol: Literal["native", "apollo"] = Field(
+        "native", description="apollo: the reference code's prompts (one User/Assistant turn per shot), character "
+                              "budget, greedy generation and answer extraction, and the papers' per-language source "
+                              "lists (docs/methods.md §9); native: our prompts (chat template, answer cue) scored by "
+                              "eval.scoring")
+    scoring: Literal["loglik", "generate"] = Field(
+        "loglik", description="native protocol: option log-likelihood after the answer cue, or greedy generation; "
+                              "the apollo protocol always generates")
     shots: int = Field(3, ge=0)
     seed: int = 1234
-    max_prompt_tokens: int = Field(1024, ge=16)
-    max_new_tokens: int = Field(32, ge=1)
+    max_prompt_tokens: int = Field(1024, ge=16, description="native: the prompt budget; apollo: only a guard for the "
+                                                            "model's context (the budget is max_prompt_chars)")
+    max_prompt_chars: int = Field(4096, ge=16, description="apollo protocol: the reference's budget in characters")
+    max_new_tokens: int = Field(32, ge=1, description="generation; apollo protocol default 256, the reference's")
+    sources: dict[str, list[str]] | None = Field(
+        None, description="language -> the sources its accuracy averages (others are scored and reported, not "
+                          "averaged); default: apollo = the papers' lists, native = every source loaded")
     batch_size: int = Field(8, ge=1)
-    actors: int = Field(1, ge=1)
+    actors: int | None = Field(None, ge=1, description="scoring actors; default one per GPU (resources.use_gpu) or "
+                                                       "per CPU that Ray has free")
     limit: int | None = Field(None, ge=1, description="items per benchmark file, for smoke runs")
     hybrid_in_eval: bool = Field(False, description="Post-MoE: pass each item's language expert as language_ids so "
                                                     "hybrid (or language) routing applies in evaluation; default "
@@ -261,6 +275,60 @@ class EvalConfig(Section):
     analyze_prompt_tokens: bool = Field(False, description="routing analysis: feed the full k-shot prompts instead "
                                                            "of the items' question + options")
     analyze_items_per_language: int = Field(64, ge=1, description="routing analysis: items per language")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _protocol_defaults(cls, data: Any) -> Any:
+        # the apollo protocol generates up to 256 tokens, as the reference does, unless told otherwise
+        if isinstance(data, dict) and data.get("protocol") == "apollo":
+            data = {"scoring": "generate", "max_new_tokens": 256, **data}
+        return data
+
+    @model_validator(mode="after")
+    def _protocol_scoring(self) -> "EvalConfig":
+        if self.protocol == "apollo" and self.scoring != "generate":
+            raise _Impossible("eval.scoring", self.scoring, "the apollo protocol scores greedy generation, as the "
+                                                            "reference does; use eval.protocol=native for "
+                                                            "log-likelihood")
+        return self
+
+
+# --------------------------------------------------------------------------------------------------------- hygiene
+PII_TYPES: tuple[str, ...] = ("EMAIL", "PHONE", "URL", "IP", "ID", "MRN", "DOB", "NAME")
+
+
+class PIIConfig(Section):
+    """collect: personal data in the text of the kinds where people write about themselves, replaced by <TYPE>."""
+    enabled: bool = True
+    kinds: list[Kind] = Field(default_factory=lambda: ["dialogue", "web"],
+                              description="kinds whose documents are scrubbed (the rest are passed as they are)")
+    types: list[Literal["EMAIL", "PHONE", "URL", "IP", "ID", "MRN", "DOB", "NAME"]] = Field(
+        default_factory=lambda: list(PII_TYPES), description="what to replace; URL = URLs with personal paths only, "
+                                                             "ID = national ids, DOB = dates after a birth keyword")
+    ner_model: str | None = Field(None, description="spaCy pipeline (name or path) whose PER/PERSON entities become "
+                                                    "<NAME>; needs the `ner` extra; without it names stay")
+
+
+class DecontamConfig(Section):
+    """Between rewrite and the mixture: training items that overlap an evaluation benchmark are quarantined."""
+    enabled: bool = True
+    ngram: int = Field(13, ge=4, description="word n-grams, for scripts written with spaces")
+    char_ngram: int = Field(13, ge=4, description="character n-grams, for scripts without spaces (CJK, Thai, ...)")
+    near_match: float = Field(0.85, ge=0, le=1, description="also quarantine an item that reproduces this share of a "
+                                                            "benchmark question (or question + options) in order; "
+                                                            "0 = exact n-grams only")
+    min_match_units: int = Field(10, ge=1, description="near_match ignores benchmark texts shorter than this "
+                                                       "(words, or characters in unspaced scripts)")
+    max_ngram_items: int = Field(10, ge=1, description="an n-gram in more benchmark items than this is boilerplate "
+                                                      "('which of the following is ...'), not evidence")
+    extra_benchmarks: list[BenchmarkConfig] = Field(default_factory=list,
+                                                    description="benchmarks to decontaminate against besides "
+                                                                "eval.benchmarks (whose dev_path items count too)")
+
+
+class HygieneConfig(Section):
+    pii: PIIConfig = Field(default_factory=PIIConfig)
+    decontam: DecontamConfig = Field(default_factory=DecontamConfig)
 
 
 # ------------------------------------------------------------------------------------------------------------ serve
@@ -310,6 +378,7 @@ class Config(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     tune: TuneConfig = Field(default_factory=TuneConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    hygiene: HygieneConfig = Field(default_factory=HygieneConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
 
@@ -412,7 +481,9 @@ def _qwen2(base: str, arch: dict, activation_checkpointing: bool = False) -> Cal
             "resources": {"num_workers": 8, "use_gpu": True, "cpus_per_worker": 8, "gpus_per_worker": 1,
                           "gpu_type": "H100-80GB"},
             "rewrite": {"backend": "openai"},
-            "eval": {"shots": 3, "max_prompt_tokens": 4096, "batch_size": 16},
+            # Apollo-MoE's evaluation: the reference's prompts, 3 shots, greedy generation to 256 tokens (eval.protocol)
+            "eval": {"protocol": "apollo", "scoring": "generate", "shots": 3, "max_new_tokens": 256,
+                     "max_prompt_tokens": 4096, "batch_size": 16},
         }
     return preset
 

@@ -98,8 +98,12 @@ def test_evaluate_sample_set_loglik(trained, ray_local, caplog):
     assert r["major"]["accuracy"] == pytest.approx(np.mean([r["languages"][c]["accuracy"] for c in langs.MAJORS]))
     assert sorted(r["minor"]["present"]) == ["sw", "vi"] and r["minor"]["accuracy"] is not None
     assert r["sources"]["en"] and r["rejects"] == {}
-    header = Path(out, "table.md").read_text(encoding="utf-8").splitlines()[0]
+    table = Path(out, "table.md").read_text(encoding="utf-8").splitlines()
+    header = table[0]
     assert all(f" {lang} " in header for lang in SAMPLE_COUNTS) and "Major" in header and "Minor" in header
+    # the first note under the table names the protocol
+    assert table[table.index("") + 1] == f"- {r['protocol_description']}" and r["protocol"] == "native"
+    assert r["protocol_description"].startswith("protocol native: ") and "log-likelihood" in r["protocol_description"]
     assert Path(out, "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     preds = [json.loads(x) for x in Path(out, "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
     assert len(preds) == r["n"] and all(p["predicted"] in "ABCDEF" for p in preds)
@@ -115,6 +119,8 @@ def test_evaluate_sample_set_loglik(trained, ray_local, caplog):
     assert run.data.metrics["accuracy/sw"] == pytest.approx(r["languages"]["sw"]["accuracy"])
     assert run.data.tags["apollo.lineage.tiny-moe.train_run_id"] == trained["train_run_id"]
     assert run.data.tags["mlflow.parentRunId"] == trained["train_run_id"]
+    assert run.data.tags["apollo.eval.protocol"] == "native" and run.data.params["evaluate.protocol"] == "native"
+    assert m.extra["protocol"] == "native"
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
     assert {"table.md", "accuracy.png", "results.json"} <= artifacts
     train = _metrics(trained["train_run_id"])
@@ -195,6 +201,46 @@ def test_generate_with_language_ids_and_a_tight_budget(trained, distinct, ray_lo
         assert p["predicted"] == (extract_answer(expected) or None) and p["correct"] == (p["predicted"] == p["answer"])
         changed += generate_answers(model, tok, [prompts[p["uid"]]], max_new_tokens=4)[0] != expected
     assert changed > 0, "no output depends on the language ids: the comparison above would pass without them"
+
+
+@pytest.mark.slow
+def test_apollo_protocol(trained, ray_local):
+    """The apollo protocol through Ray: catches the Scorer generating without the reference's 2-token minimum, reading
+    answers with the native extraction, prompting with anything but the reference's prompt, or a run that does not
+    name its protocol in results, table and MLflow."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from apollo_ray.evaluation import apollo
+    from apollo_ray.evaluation.scoring import generate_answers
+
+    cfg = _cfg(trained["root"], "eval.protocol=apollo", "eval.limit=2", "eval.max_new_tokens=4",
+               "eval.max_prompt_tokens=2048")
+    out = runner.run(cfg, [trained["base"]])
+    name = Path(trained["base"]).name
+    r = json.loads(Path(out, "results.json").read_text(encoding="utf-8"))[name]
+    assert r["protocol"] == "apollo" and "\n- protocol apollo: the reference's prompts" in Path(
+        out, "table.md").read_text(encoding="utf-8")
+    run = mlflow.MlflowClient().get_run(_eval_run(cfg, out))
+    assert run.data.tags["apollo.eval.protocol"] == "apollo" and run.data.params["evaluate.protocol"] == "apollo"
+    # the sample set's sources are in no paper list: each language averages what it has, and says so
+    assert all(v["listed"] is False for lang, v in r["languages"].items() if lang in apollo.PAPER_SOURCES)
+
+    model = AutoModelForCausalLM.from_pretrained(trained["base"]).eval()
+    tok = AutoTokenizer.from_pretrained(trained["base"])
+    items = runner.load_items(cfg, Storage.from_config(cfg))
+    prompts, too_long = runner.build_prompts(cfg.eval, items, tok)
+    assert not too_long and len(prompts) == r["n"] == 2 * len(SAMPLE_COUNTS)
+    by_uid = {e.uid: e for e in items.items}
+    preds = [json.loads(x) for x in Path(out, "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert len(preds) == r["n"]
+    for p in preds:
+        e = by_uid[p["uid"]]
+        prompt = apollo.build_prompt(e.item, items.pools[e.benchmark], cfg.eval.shots, cfg.eval.seed,
+                                     eos=tok.eos_token)
+        assert prompts[p["uid"]] == prompt and prompt.endswith("Assistant:")
+        (expected,) = generate_answers(model, tok, [prompt], 4, min_new_tokens=2)
+        assert p["output"] == expected and len(tok(expected, add_special_tokens=False)["input_ids"]) >= 1, p
+        assert p["predicted"] == (apollo.extract_reference(expected) or None), p
 
 
 @pytest.mark.slow

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import posixpath
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterable, Mapping
 
@@ -49,6 +49,11 @@ class Item:
     answer: str  # the letter the reference scores against (the first one of a multi-letter answer)
     context: str = ""
     answers: tuple[str, ...] = ()  # every correct letter; () means (answer,)
+    # The record's own strings where they differ from the parsed ones (None: the same). The apollo protocol renders
+    # prompts from these, byte for byte as the reference formats the record (12 en dev questions end in whitespace).
+    raw_question: str | None = None
+    raw_options: str | None = None
+    raw_context: str | None = None
 
     def __post_init__(self) -> None:
         if not self.answers:
@@ -61,6 +66,13 @@ class Item:
     def options_text(self) -> str:
         """The XMedBench rendering; reproduces the source string for every dev item."""
         return "\n".join(f"({letter}) {text}" for letter, text in self.options)
+
+    @property
+    def verbatim(self) -> tuple[str, str, str]:
+        """(question, options, context) as the record spelled them: what the reference's ``str.format`` inserts."""
+        return (self.question if self.raw_question is None else self.raw_question,
+                self.options_text() if self.raw_options is None else self.raw_options,
+                self.context if self.raw_context is None else self.raw_context)
 
     def to_dict(self) -> dict[str, Any]:
         """A plain row (lists, no tuples) for Ray Data and JSON; ``from_dict`` inverts it."""
@@ -183,8 +195,13 @@ def parse_item(raw: Any, *, item_id: str, language: str | None, default_source: 
     context = raw.get("context") or ""
     if not isinstance(source, str) or not isinstance(context, str):
         raise ItemError("source and context must be text")
-    return Item(id=item_id, language=lang, source=source, question=question.strip(), options=options,
+    raw_options = raw.get("options", raw.get("choices"))
+    item = Item(id=item_id, language=lang, source=source, question=question.strip(), options=options,
                 answer=answers[0], context=context.strip(), answers=answers)
+    return replace(item, raw_question=None if question == item.question else question,
+                   raw_options=raw_options if isinstance(raw_options, str) and raw_options != item.options_text()
+                   else None,
+                   raw_context=None if context == item.context else context)
 
 
 # ---------------------------------------------------------------------------------------------------------- loading

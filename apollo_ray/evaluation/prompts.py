@@ -110,15 +110,21 @@ class ShotPool:
     """
 
     def __init__(self, items: Sequence[Item]):
-        by_source: dict[str, list[Item]] = defaultdict(list)
+        in_order: dict[str, list[Item]] = defaultdict(list)
         for it in items:
-            if len(it.answers) == 1:
-                by_source[it.source].append(it)
-        self._by_source = {s: sorted(v, key=lambda it: it.id) for s, v in by_source.items()}
+            in_order[it.source].append(it)
+        # the apollo protocol draws as the reference does: from every item of the source, in file order
+        self._in_order = dict(in_order)
+        self._by_source = {s: sorted((it for it in v if len(it.answers) == 1), key=lambda it: it.id)
+                           for s, v in in_order.items()}
 
     @classmethod
     def of(cls, pool: "ShotPool | Sequence[Item]") -> "ShotPool":
         return pool if isinstance(pool, ShotPool) else cls(pool)
+
+    def in_order(self, source: str) -> list[Item]:
+        """Every item of ``source`` (several-answer ones too) in the order the pool was given."""
+        return self._in_order.get(source, [])
 
     def candidates(self, item: Item) -> list[Item]:
         # compare content, not ids: a separate dev file reuses the ids ("en-0") of the test file

@@ -15,6 +15,10 @@ The output folder is a fingerprint of the semantic eval config (operational knob
 excluded) and of each model's identity: its manifest hash when it has one (a trained model), else its path or hub id.
 A folder whose manifest exists is up to date and the stage skips.
 
+``eval.protocol`` says how items are prompted and scored: ``apollo`` as the reference code does (its prompts, greedy
+generation, its answer extraction, the papers' sources per language: ``evaluation/apollo.py``), ``native`` with our
+prompts and ``eval.scoring``. Every table, results file, manifest and MLflow run names the protocol.
+
 Post-MoE models route by plain top-k in evaluation (the paper's choice). With ``eval.hybrid_in_eval`` each item's
 language expert is passed as ``language_ids`` and hybrid routing applies in evaluation too (a model trained with
 ``routing=language`` needs it to be evaluated the way it was trained).
@@ -37,16 +41,17 @@ from typing import Any, Iterator
 
 from apollo_ray.config import BenchmarkConfig, Config, EvalConfig, fingerprint
 from apollo_ray.errors import UserError
+from apollo_ray.evaluation import apollo
 from apollo_ray.evaluation.aggregate import aggregate, bar_chart_png, markdown_table
 from apollo_ray.evaluation.benchmark import MAX_OPTIONS, Item, Reject, load_benchmark, load_shot_pool
-from apollo_ray.evaluation.prompts import TEMPLATES, PromptTooLong, ShotPool, build_prompt
+from apollo_ray.evaluation.prompts import TEMPLATES, PromptTooLong, ShotPool, build_prompt, prompt_length
 from apollo_ray.storage import Manifest, Storage, join
 from apollo_ray.tracking import PARENT_ENV, Run, Tracker
 
 log = logging.getLogger(__name__)
 
 STAGE = "evaluate"
-_FP_VERSION = "evaluate-v1"
+_FP_VERSION = "evaluate-v2"  # v2: protocols; results name theirs
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5")
 _PROGRESS_EVERY_S = 10.0
 POST_MOE_TYPE = "apollo_post_moe"  # PostMoEConfig.model_type, without importing torch in the driver's hot path
@@ -217,16 +222,30 @@ def answer_room(ecfg: EvalConfig, tokenizer: Any) -> int:
 
 
 def build_prompts(ecfg: EvalConfig, items: ItemSet, tokenizer: Any) -> tuple[dict[str, str], dict[str, str]]:
-    """uid → rendered k-shot prompt within the budget, and uid → why it cannot be (0-shot still too long)."""
+    """uid → rendered k-shot prompt within the budget, and uid → why it cannot be (0-shot still too long).
+
+    Protocol ``apollo``: the reference's prompt within ``max_prompt_chars`` characters; the token budget is then only
+    a guard for the model's context (an item over it is a reject, never a truncated prompt).
+    """
     budget = ecfg.max_prompt_tokens - answer_room(ecfg, tokenizer)
     if budget <= 0:
         raise UserError(f"eval.max_prompt_tokens={ecfg.max_prompt_tokens} leaves no room for a prompt after "
                          f"{answer_room(ecfg, tokenizer)} answer tokens")
     prompts: dict[str, str] = {}
     too_long: dict[str, str] = {}
+    eos = apollo.eos_text(tokenizer)
     for e in items.items:
+        pool = items.pools[e.benchmark]
         try:
-            prompts[e.uid] = build_prompt(e.item, items.pools[e.benchmark], ecfg.shots, ecfg.seed, tokenizer, budget)
+            if ecfg.protocol == "apollo":
+                text = apollo.build_prompt(e.item, pool, ecfg.shots, ecfg.seed, eos=eos,
+                                           max_chars=ecfg.max_prompt_chars)
+                n = prompt_length(text, tokenizer)
+                if n > budget:
+                    raise PromptTooLong(e.item.id, n, budget, "tokens")
+                prompts[e.uid] = text
+            else:
+                prompts[e.uid] = build_prompt(e.item, pool, ecfg.shots, ecfg.seed, tokenizer, budget)
         except PromptTooLong as err:
             too_long[e.uid] = str(err)
     return prompts, too_long
@@ -268,7 +287,8 @@ class Scorer:
     ``expert``) into outcome rows (``uid``, ``predicted``, ``correct``, ``output``)."""
 
     def __init__(self, model: ModelRef, endpoint_url: str | None, scoring: str, max_new_tokens: int,
-                 batch_size: int, hybrid_in_eval: bool, dtype: str, tokenizer_fallback: str | None = None):
+                 batch_size: int, hybrid_in_eval: bool, dtype: str, tokenizer_fallback: str | None = None,
+                 protocol: str = "native"):
         import torch
         from transformers import AutoModelForCausalLM
 
@@ -286,12 +306,16 @@ class Scorer:
         if getattr(self.model.config, "model_type", None) == POST_MOE_TYPE:
             self.model.config.hybrid_in_eval = hybrid_in_eval  # read by the sparse blocks at every forward
         self.scoring, self.max_new_tokens, self.batch_size = scoring, max_new_tokens, batch_size
+        self.protocol = protocol
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         import numpy as np
 
         from apollo_ray.evaluation.scoring import extract_answer, generate_answers, score_options
 
+        started = time.time()
+        apollo_protocol = self.protocol == "apollo"
+        extract = apollo.extract_reference if apollo_protocol else extract_answer
         items = [Item.from_dict(json.loads(s)) for s in batch["item"]]
         prompts = [str(p) for p in batch["prompt"]]
         experts = [int(x) for x in batch["expert"]]
@@ -309,45 +333,64 @@ class Scorer:
                         output[i] = json.dumps(dict(zip(s.letters, (round(x, 4) for x in s.sums))))
                 else:
                     texts = generate_answers(self.model, self.tokenizer, [prompts[i] for i in idx],
-                                             self.max_new_tokens, batch_size=self.batch_size, device=self.device)
+                                             self.max_new_tokens, batch_size=self.batch_size, device=self.device,
+                                             min_new_tokens=apollo.MIN_NEW_TOKENS if apollo_protocol else 0)
                     for i, text in zip(idx, texts):
-                        predicted[i], output[i] = extract_answer(text), text
+                        predicted[i], output[i] = extract(text), text
         return {
             "uid": np.asarray(batch["uid"], dtype=object),
             "predicted": np.asarray([p or "" for p in predicted], dtype=object),
             "correct": np.asarray([p == it.answer for p, it in zip(predicted, items)], dtype=bool),
             "output": np.asarray(output, dtype=object),
+            # when this batch was scored: the rate's clock runs from the first batch, after the model is loaded
+            "started": np.full(len(items), started), "finished": np.full(len(items), time.time()),
         }
 
 
+def actor_count(cfg: Config, n_batches: int) -> int:
+    """``eval.actors``, else one per GPU (use_gpu) or per CPU that Ray has free; never more than there are batches."""
+    import ray
+
+    if cfg.eval.actors is not None:
+        return cfg.eval.actors
+    free = ray.available_resources().get("GPU" if cfg.resources.use_gpu else "CPU", 1)
+    return max(1, min(int(free), n_batches))
+
+
 def score_on_ray(cfg: Config, ref: ModelRef, rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], float]:
-    """Stream ``rows`` through a pool of ``eval.actors`` scorers; the outcome rows and the seconds it took."""
+    """Stream ``rows`` through a pool of scoring actors; the outcome rows and the seconds spent scoring them, from
+    the first batch's start to the last one's end (model loading excluded)."""
     import ray
 
     ecfg = cfg.eval
+    actors = actor_count(cfg, math.ceil(len(rows) / ecfg.batch_size))
     # Longest prompts first and together: batches of similar lengths pad little, and the slowest work starts first.
     rows = sorted(rows, key=lambda r: -len(r["prompt"]))
     blocks = max(1, min(math.ceil(len(rows) / ecfg.batch_size), 2000))
     ds = ray.data.from_items(rows, override_num_blocks=blocks)
     ds = ds.map_batches(
-        Scorer, batch_size=ecfg.batch_size, compute=ray.data.ActorPoolStrategy(size=ecfg.actors),
+        Scorer, batch_size=ecfg.batch_size, compute=ray.data.ActorPoolStrategy(size=actors),
         num_cpus=1, num_gpus=1 if cfg.resources.use_gpu else 0,
         fn_constructor_kwargs=dict(model=ref, endpoint_url=cfg.storage.endpoint_url, scoring=ecfg.scoring,
                                    max_new_tokens=ecfg.max_new_tokens, batch_size=ecfg.batch_size,
                                    hybrid_in_eval=ecfg.hybrid_in_eval, dtype=cfg.model.dtype,
-                                   tokenizer_fallback=cfg.model.tokenizer))
+                                   tokenizer_fallback=cfg.model.tokenizer, protocol=ecfg.protocol))
     out: list[dict[str, Any]] = []
-    t0 = last = time.time()
+    first = float("inf")
+    end = 0.0
+    last = time.time()
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         out += [{"uid": str(u), "predicted": str(p) or None, "correct": bool(c), "output": str(o)}
                 for u, p, c, o in zip(batch["uid"], batch["predicted"], batch["correct"], batch["output"])]
+        if len(batch["uid"]):
+            first, end = min(first, float(batch["started"].min())), max(end, float(batch["finished"].max()))
         if time.time() - last >= _PROGRESS_EVERY_S:
             last = time.time()
             log.info("%s: %s: %d/%d items (%.1f items/s)", STAGE, ref.name, len(out), len(rows),
-                     len(out) / (last - t0))
-    seconds = time.time() - t0
-    log.info("%s: %s: %d items in %.1fs (%.1f items/s, %s, %d actor(s))", STAGE, ref.name, len(out), seconds,
-             len(out) / max(seconds, 1e-9), ecfg.scoring, ecfg.actors)
+                     len(out) / max(end - first, 1e-9))
+    seconds = max(end - first, 0.0)
+    log.info("%s: %s: %d items in %.1fs of scoring (%.1f items/s, protocol %s, %s, %d actor(s))", STAGE, ref.name,
+             len(out), seconds, len(out) / max(seconds, 1e-9), ecfg.protocol, ecfg.scoring, actors)
     missing = {r["uid"] for r in rows} - {o["uid"] for o in out}
     if missing:
         raise RuntimeError(f"{STAGE}: {ref.name}: {len(missing)} items came back unscored, e.g. {sorted(missing)[:3]}")
@@ -427,6 +470,9 @@ def run(cfg: Config, models: list[str] | None = None) -> str:
     with _nested_under(tracker, refs), tracker.stage(
             STAGE, inputs={r.name: r.identity for r in refs}, output=out, section=semantic_config(cfg)) as tracked:
         init_ray()
+        tracked.set_tags({"apollo.eval.protocol": ecfg.protocol})
+        protocol_line = apollo.describe(ecfg.protocol, ecfg)
+        sources = apollo.language_sources(ecfg.sources, ecfg.protocol)
         results: dict[str, dict[str, Any]] = {}
         predictions: list[dict[str, Any]] = []
         rates: dict[str, float] = {}
@@ -439,25 +485,26 @@ def run(cfg: Config, models: list[str] | None = None) -> str:
             outcomes, seconds = score_on_ray(cfg, mp.ref, rows)
             rates[mp.ref.name] = len(outcomes) / max(seconds, 1e-9)
             outcome_of = {o["uid"]: o for o in outcomes}
-            res = aggregate({"language": e.item.language, "source": e.item.source,
-                             "correct": outcome_of[e.uid]["correct"]} for e in scored)
-            results[mp.ref.name] = {**res, "rejects": dict(sorted(dropped.items())), "model": mp.ref.spec,
+            res = aggregate(({"language": e.item.language, "source": e.item.source,
+                              "correct": outcome_of[e.uid]["correct"]} for e in scored), sources=sources)
+            results[mp.ref.name] = {**res, "protocol": ecfg.protocol, "protocol_description": protocol_line,
+                                    "rejects": dict(sorted(dropped.items())), "model": mp.ref.spec,
                                     "location": mp.ref.location, "manifest": mp.ref.manifest_hash,
                                     "post_moe": mp.post_moe, "language_ids": pass_ids,
                                     "items_per_s": rates[mp.ref.name]}
             predictions += [{"model": mp.ref.name, "uid": e.uid, "language": e.item.language,
                              "source": e.item.source, "answer": e.item.answer, **outcome_of[e.uid]} for e in scored]
 
-        table = markdown_table(results, minor_columns=True)
-        log.info("%s: accuracy (%%), %s scoring, %d-shot:\n%s", STAGE, ecfg.scoring, ecfg.shots, table)
+        table = markdown_table(results, minor_columns=True, protocol=protocol_line)
+        log.info("%s: accuracy (%%):\n%s", STAGE, table)
         files = {"results": "results.json", "table": "table.md", "plot": "accuracy.png",
                  "predictions": "predictions.jsonl", "rejects": "rejects.json"}
         with tempfile.TemporaryDirectory(prefix="apollo-eval-") as tmp:
             local = Path(tmp)
             (local / files["results"]).write_text(json.dumps(results, indent=1, ensure_ascii=False), "utf-8")
             (local / files["table"]).write_text(table, "utf-8")
-            (local / files["plot"]).write_bytes(bar_chart_png(results, title=f"accuracy ({ecfg.scoring}, "
-                                                                              f"{ecfg.shots}-shot)"))
+            (local / files["plot"]).write_bytes(bar_chart_png(
+                results, title=f"accuracy (protocol {ecfg.protocol}, {ecfg.scoring}, {ecfg.shots}-shot)"))
             (local / files["predictions"]).write_text(
                 "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions), "utf-8")
             (local / files["rejects"]).write_text(json.dumps(rejects, indent=1, ensure_ascii=False), "utf-8")
@@ -476,6 +523,7 @@ def run(cfg: Config, models: list[str] | None = None) -> str:
                                        "mlflow_run_id": r.training_run_id} for r in refs},
                    "major": {n: r["major"]["accuracy"] for n, r in results.items()},
                    "minor": {n: r["minor"]["accuracy"] for n, r in results.items()},
+                   "protocol": ecfg.protocol, "protocol_description": protocol_line,
                    "items_per_s": rates, "seconds": seconds, "shot_pool_rejects": items.pool_rejects,
                    "benchmarks": [b.model_dump(mode="json") for b in ecfg.benchmarks],
                    "mlflow_run_id": tracked.run_id})

@@ -223,13 +223,17 @@ def _pad_id(tokenizer: Any) -> int:
 
 # -------------------------------------------------------------------------------------------------------- generation
 def generate_answers(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int = 256, *,
-                     batch_size: int = 8, device: Any = None) -> list[str]:
-    """Greedy continuations of ``prompts`` (special tokens stripped), batched with left padding."""
+                     batch_size: int = 8, device: Any = None, min_new_tokens: int = 0) -> list[str]:
+    """Greedy continuations of ``prompts`` (special tokens stripped), batched with left padding.
+
+    ``min_new_tokens`` keeps EOS from ending an answer sooner (the reference's generation sets 2).
+    """
     import torch
 
     device = device if device is not None else next(model.parameters()).device
     pad_id = _pad_id(tokenizer)
     encoded = [encode(tokenizer, p) for p in prompts]
+    extra = {"min_new_tokens": min(min_new_tokens, max_new_tokens)} if min_new_tokens > 0 else {}
     outputs: list[str] = [""] * len(prompts)
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
     was_training = model.training
@@ -246,7 +250,7 @@ def generate_answers(model: Any, tokenizer: Any, prompts: list[str], max_new_tok
                     mask[r, width - len(encoded[i]):] = 1
                 out = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),
                                      max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                                     pad_token_id=pad_id)
+                                     pad_token_id=pad_id, **extra)
                 for r, i in enumerate(idx):
                     outputs[i] = tokenizer.decode(out[r, width:].tolist(), skip_special_tokens=True)
     finally:
