@@ -57,17 +57,55 @@ def test_every_stage_wrote_its_manifest_and_the_model_loads(pipeline):
     assert model.config.model_type == "apollo_post_moe"
 
 
+def _png_size(path: Path) -> tuple[int, int]:
+    """(width, height) of a whole, valid PNG (PIL's verify reads every chunk and checks the CRCs)."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        assert im.format == "PNG", path
+        im.verify()
+    with Image.open(path) as im:
+        im.load()  # decodes the pixel data too
+        return im.size
+
+
 def test_evaluation_table_and_routing_outputs(pipeline):
+    from apollo_ray import languages as langs
+    from apollo_ray.config import SAMPLE_DATA
+
     root, result, run = pipeline
     ev = Path(result["evaluation"])
-    table = (ev / "table.md").read_text()
-    for lang in ("en", "zh", "es", "fr", "ar", "hi", "Major"):
-        assert lang in table
     results = json.loads((ev / "results.json").read_text())
-    (only,) = results.values()  # one model: the pipeline's
-    assert only["major"]["present"] == sorted(only["major"]["present"]) and len(only["major"]["present"]) == 12
-    assert list(Path(result["analysis"]).rglob("*.png"))  # analysis/<fp>/<model>/*.png
-    assert "Major" in run.stdout + run.stderr  # the table is printed to the job log
+    ((name, only),) = results.items()  # one model: the pipeline's
+    sample = {p.stem for p in (SAMPLE_DATA / "mcq").glob("*.json")}  # the default benchmark: the shipped sample set
+    assert set(only["languages"]) == sample
+    order = [c for c in (*langs.MAJORS, *langs.minors()) if c in sample]
+    assert only["major"]["present"] == [c for c in langs.MAJORS if c in sample] and len(only["major"]["present"]) == 12
+    # The table: a column per language in registry order, then Major and Minor; the model's row is results.json's
+    # accuracies in percent.
+    lines = (ev / "table.md").read_text().splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("| Model |"))  # notes may come before or after
+
+    def cells(line: str) -> list[str]:
+        return [c.strip() for c in line.strip().strip("|").split("|")]
+
+    assert cells(lines[at]) == ["Model", *order, "Major", "Minor"]
+    pct = [only["languages"][c]["accuracy"] for c in order] + [only["major"]["accuracy"], only["minor"]["accuracy"]]
+    assert cells(lines[at + 2]) == [name, *("–" if x is None else f"{100 * x:.1f}" for x in pct)]
+    assert lines[at] in (run.stdout + run.stderr)  # the table is printed to the job log
+    w, h = _png_size(ev / "accuracy.png")
+    assert w > 100 and h > 100
+    # Routing analysis: the model's folder has a heatmap per analysed language, the pooled one, the overview and the
+    # specialisation plot, each a valid image.
+    (doc,) = list(Path(result["analysis"]).rglob("routing.json"))
+    analysed = json.loads(doc.read_text())["languages"]
+    assert set(analysed) == sample
+    pngs = {p.name for p in doc.parent.glob("*.png")}
+    assert pngs == {*(f"heatmap-{lang}.png" for lang in analysed), "heatmap-all.png", "overview.png",
+                    "specialisation.png"}
+    for png in pngs:
+        w, h = _png_size(doc.parent / png)
+        assert w > 100 and h > 100, png
 
 
 def test_mlflow_holds_the_lineage(pipeline):
