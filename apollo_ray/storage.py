@@ -103,11 +103,11 @@ class Storage:
     def write_json(self, uri: str, obj: Any) -> str:
         return self.write_text(uri, json.dumps(obj, indent=1, ensure_ascii=False, default=str))
 
-    def write_parquet(self, uri: str, table) -> "Shard":
+    def write_parquet(self, uri: str, table, row_group_size: int | None = None) -> "Shard":
         import pyarrow.parquet as pq
 
         buf = io.BytesIO()
-        pq.write_table(table, buf, compression="zstd")
+        pq.write_table(table, buf, compression="zstd", row_group_size=row_group_size)
         data = buf.getvalue()
         sha = self.write_bytes(uri, data)
         return Shard(path=uri, rows=table.num_rows, sha256=sha, bytes=len(data))

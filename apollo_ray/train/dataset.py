@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -206,18 +208,95 @@ def _write_rows(storage: Storage, out: str, split: str, result: PackResult, ids,
             "position_ids": [r.position_ids.astype(np.int32) for r in chunk],
             "language_ids": [r.language_ids.astype(np.int16) for r in chunk],
             "lang_index": lang_index, "kind_index": kind_index, "items": row_items}, schema=ROW_SCHEMA)
-        shards.append(storage.write_parquet(f"{out}/{split}-{s // shard_rows:05d}.parquet", table).relative_to(out))
+        shards.append(storage.write_parquet(f"{out}/{split}-{s // shard_rows:05d}.parquet", table,
+                                            row_group_size=ROW_GROUP_ROWS).relative_to(out))
     return shards
 
 
+COLUMNS = ("input_ids", "labels", "position_ids", "language_ids", "lang_index", "kind_index")
+# Rows per parquet row group: the unit a training worker reads. 64 rows of 4,096 tokens are ~7 MB of arrays.
+ROW_GROUP_ROWS = 64
+
+
+class RowStore:
+    """One split of a mixture, read by row group as rows are asked for.
+
+    A training rank takes every world-th row of each step's slice, so it touches each row group once, in order; with
+    a small cache of decoded row groups a worker's memory for data is O(row group), whatever the corpus size. Row
+    groups of mixtures written before ``ROW_GROUP_ROWS`` are whole shards (``storage.shard_rows`` rows at most).
+    """
+
+    def __init__(self, storage: Storage, folder: str, split: str, cache_groups: int = 4):
+        self.storage, self.folder = storage, folder
+        manifest = storage.read_manifest(folder)
+        self.shards = sorted((s for s in manifest.shards if s.path.startswith(split + "-")), key=lambda s: s.path)
+        self.starts = np.cumsum([0, *(s.rows for s in self.shards)])
+        self._files: dict[int, Any] = {}
+        self._groups: dict[int, np.ndarray] = {}  # shard -> first row of each of its row groups
+        self._cache: OrderedDict[tuple[int, int], dict[str, np.ndarray]] = OrderedDict()
+        self.cache_groups = cache_groups
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __bool__(self) -> bool:
+        return len(self) > 0
+
+    def take(self, idx: np.ndarray) -> dict[str, np.ndarray]:
+        """Rows ``idx`` (global row numbers of the split) as stacked int64 arrays, in the order asked."""
+        rows = [self._row(int(i)) for i in np.asarray(idx).reshape(-1)]
+        return {k: np.stack([r[k] for r in rows]) for k in COLUMNS}
+
+    def language_load(self, num_experts: int) -> np.ndarray:
+        """Tokens per language expert over the whole split, one row group at a time (expert placement needs it)."""
+        load = np.zeros(num_experts, dtype=np.int64)
+        for si in range(len(self.shards)):
+            f = self._file(si)
+            for g in range(f.num_row_groups):
+                lang = np.concatenate(f.read_row_group(g, columns=["language_ids"]).column(0).to_numpy(
+                    zero_copy_only=False)).astype(np.int64)
+                load += np.bincount(lang[lang >= 0], minlength=num_experts)[:num_experts]
+        return load
+
+    def _row(self, i: int) -> dict[str, np.ndarray]:
+        if not 0 <= i < len(self):
+            raise IndexError(f"row {i} of {len(self)}")
+        si = int(np.searchsorted(self.starts, i, side="right")) - 1
+        local = i - int(self.starts[si])
+        firsts = self._group_starts(si)
+        g = int(np.searchsorted(firsts, local, side="right")) - 1
+        group = self._cache.get((si, g))
+        if group is None:
+            t = self._file(si).read_row_group(g, columns=list(COLUMNS))
+            group = {k: t.column(k).to_numpy(zero_copy_only=False) for k in COLUMNS}
+            self._cache[(si, g)] = group
+            while len(self._cache) > self.cache_groups:
+                self._cache.popitem(last=False)
+        else:
+            self._cache.move_to_end((si, g))
+        j = local - int(firsts[g])
+        return {k: np.asarray(group[k][j], dtype=np.int64) for k in COLUMNS}
+
+    def _file(self, si: int):
+        import pyarrow.parquet as pq
+
+        if si not in self._files:
+            self._files[si] = pq.ParquetFile(self.storage.fs.open(f"{self.folder}/{self.shards[si].path}", "rb"))
+        return self._files[si]
+
+    def _group_starts(self, si: int) -> np.ndarray:
+        if si not in self._groups:
+            meta = self._file(si).metadata
+            self._groups[si] = np.cumsum([0] + [meta.row_group(g).num_rows for g in range(meta.num_row_groups)])[:-1]
+        return self._groups[si]
+
+
 def read_rows(storage: Storage, folder: str, split: str) -> dict[str, np.ndarray]:
-    """All rows of a split as stacked arrays (the tiny and mid-size case: a few GB at most per worker)."""
-    m = storage.read_manifest(folder)
-    tables = [storage.read_parquet(f"{folder}/{s.path}") for s in m.shards if s.path.startswith(split + "-")]
-    if not tables:
+    """All rows of a split as stacked arrays: for tests and small tools; training reads through ``RowStore``."""
+    store = RowStore(storage, folder, split)
+    if not store:
         return {}
-    t = pa.concat_tables(tables)
-    out = {k: np.stack(t.column(k).to_numpy(zero_copy_only=False)).astype(np.int64)
-           for k in ("input_ids", "labels", "position_ids", "language_ids", "lang_index", "kind_index")}
-    out["items"] = t.column("items").to_pylist()
+    out = store.take(np.arange(len(store)))
+    out["items"] = [ids for s in store.shards
+                    for ids in storage.read_parquet(f"{folder}/{s.path}").column("items").to_pylist()]
     return out

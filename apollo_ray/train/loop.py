@@ -90,23 +90,24 @@ def train_loop_per_worker(config: dict) -> None:
 
     import apollo_ray  # noqa: F401  registers the Post-MoE architecture in this worker process
     from apollo_ray.storage import Storage
-    from apollo_ray.train.dataset import read_rows
+    from apollo_ray.train.dataset import RowStore
 
     c = config
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(c["seed"] + rank)
     storage = Storage(c["storage_root"], c.get("endpoint_url"))
-    train = read_rows(storage, c["mixture"], "train")
-    heldout = read_rows(storage, c["mixture"], "heldout")
+    # Each rank reads only the rows it trains on, a row group at a time: memory for data does not grow with the corpus.
+    train = RowStore(storage, c["mixture"], "train")
+    heldout = RowStore(storage, c["mixture"], "heldout")
     languages, kinds = c["languages"], c["kinds"]
 
     per_step = world * c["micro_batch_size"] * c["grad_accum"]
-    total_steps = len(train["input_ids"]) // per_step
+    total_steps = len(train) // per_step
     if c.get("max_steps"):
         total_steps = min(total_steps, c["max_steps"])
     if total_steps < 1:
-        raise ValueError(f"the mixture has {len(train['input_ids'])} rows: fewer than one step needs ({per_step} = "
+        raise ValueError(f"the mixture has {len(train)} rows: fewer than one step needs ({per_step} = "
                          f"{world} workers x {c['micro_batch_size']} rows x {c['grad_accum']} accumulation)")
 
     dtype = torch.bfloat16 if c["precision"] == "bf16" else torch.float32
@@ -126,8 +127,7 @@ def train_loop_per_worker(config: dict) -> None:
         if model_cfg.routing in ("language", "hybrid"):
             # Every token visits its language's expert: balance those known loads over the ranks (from all the
             # training rows, so every rank — and a resumed run — computes the same placement).
-            lang = train["language_ids"]
-            load = np.bincount(lang[lang >= 0].astype(np.int64), minlength=model_cfg.num_experts)
+            load = train.language_load(model_cfg.num_experts)
             placement = balanced_placement(load.tolist(), c["ep_size"])
             if rank == 0:
                 per_rank = np.asarray(load)[placement].reshape(c["ep_size"], -1).sum(1)
@@ -164,9 +164,8 @@ def train_loop_per_worker(config: dict) -> None:
     flops_per_token = c["flops_per_token"]
     peak = peak_flops(device)
 
-    def batch(arrays: dict, idx: np.ndarray) -> dict:
-        return {k: torch.as_tensor(arrays[k][idx], device=device) for k in
-                ("input_ids", "labels", "position_ids", "language_ids", "lang_index", "kind_index")}
+    def batch(store: RowStore, idx: np.ndarray) -> dict:
+        return {k: torch.as_tensor(v, device=device) for k, v in store.take(idx).items()}
 
     def forward(b: dict):
         kwargs = {"language_ids": b["language_ids"]} if is_moe else {}
@@ -198,7 +197,7 @@ def train_loop_per_worker(config: dict) -> None:
             return {}
         engine.eval()
         sums = torch.zeros(len(languages), 2, device=device, dtype=torch.float64)
-        n = len(heldout["input_ids"])
+        n = len(heldout)
         with torch.no_grad():
             # Every rank runs the same number of forwards (the last row again, uncounted, where its share runs out):
             # expert-parallel layers exchange tokens with all-to-all, which a rank that stopped early would hang.
