@@ -65,6 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--routing", choices=["topk", "language", "hybrid"])
     _config_args(p)
 
+    p = sub.add_parser("export", help="write a Post-MoE checkpoint as a standard Qwen2MoeForCausalLM that vLLM, SGLang, "
+                                      "lm-eval and plain transformers open")
+    p.add_argument("--model", default=None, help="checkpoint path or URI (default: this run's trained model)")
+    p.add_argument("--out", default=None, help="output folder or URI (default: <model>-qwen2_moe)")
+    p.add_argument("--format", default="qwen2_moe", choices=["qwen2_moe"])
+    _config_args(p)
+
     p = sub.add_parser("manifests", help="write the KubeRay manifests (RayCluster, RayJobs, RayService, MLflow)")
     p.add_argument("--out", default="cluster/kuberay", help="output folder (default: cluster/kuberay)")
     p.add_argument("--deploy", default=None, help="deployment knobs (default: <out>/deploy.yaml if present)")
@@ -137,6 +144,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         cfg = load_config(args, [f"{k}={v}" for k, v in flags.items() if v is not None])
         out = upcycle.run(cfg, base=args.base, out=args.out)
         print(out)
+        return 0
+    if args.command == "export":
+        from apollo_ray.model import export
+
+        print(export.run(load_config(args), model=args.model, out=args.out, fmt=args.format))
         return 0
     if args.command == "manifests":
         from apollo_ray import deploy

@@ -10,8 +10,10 @@ DeploymentHandles to it), so routes, validation, auth and admission control are 
 - ``POST /v1/eval/jobs`` / ``GET /v1/eval/jobs/{id}``: a benchmark of the config evaluated asynchronously.
 
 Errors use OpenAI's body ``{"error": {"message", "type", "param", "code"}}``: 422 for schema violations (every
-offending field named), 400 for limits and values the model cannot serve, 401 without the bearer key (when one is
-configured), 404 for unknown models, benchmarks and jobs, 429 past the concurrency limit.
+offending field named; non-finite numbers such as ``1e999``, ``NaN`` or ``Infinity`` and text with lone surrogates
+included), 400 for limits and values the model cannot serve, 401 without the bearer key (when one is configured), 404
+for unknown models, benchmarks and jobs, 429 past the concurrency limit, 503 with ``Retry-After`` when the model's
+replica went away under a request (Serve starts another), 500 for anything else — always as that JSON body.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import math
+import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -28,7 +32,7 @@ from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from apollo_ray.serve.engine import RequestError, Sampling
 
@@ -41,10 +45,29 @@ MAX_CHARS_PER_TOKEN = 64
 
 
 # ------------------------------------------------------------------------------------------------- request models
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _unicode_text(value: Any) -> Any:
+    """Refuse strings with lone surrogates (JSON's ``"\\ud800"``): they are not text, no tokenizer can encode them,
+    and no response can echo them."""
+    strings = [value] if isinstance(value, str) else (
+        [*value.keys(), *value.values()] if isinstance(value, dict) else value if isinstance(value, list) else [])
+    for v in strings:
+        if isinstance(v, str) and _SURROGATE.search(v):
+            raise ValueError("not valid Unicode text: contains a lone surrogate (\\ud800-\\udfff)")
+        if isinstance(v, (list, dict)):
+            _unicode_text(v)
+    return value
+
+
 class _Request(BaseModel):
     # Unknown parameters are refused (naming them) rather than ignored: a client asking for, say, a presence penalty
-    # must not silently get answers without one.
-    model_config = ConfigDict(extra="forbid")
+    # must not silently get answers without one. Numbers must be finite: JSON's 1e999 parses to inf, and Python's
+    # parser takes NaN / Infinity too.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    _text = field_validator("*")(_unicode_text)
 
 
 class StreamOptions(_Request):
@@ -96,7 +119,9 @@ class ChatCompletionRequest(_Sampled):
 
 class MCQItem(BaseModel):
     """An XMedBench item; fields other than these (ids, metadata) are ignored."""
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+    _text = field_validator("*")(_unicode_text)
     question: str
     options: Union[str, list[str], dict[str, str]] = Field(description='"(A) ...\\n(B) ...", a list or a dict')
     answer: Union[str, int, None] = Field(None, description='"(B)", "B" or a 0-based index; optional')
@@ -244,6 +269,15 @@ class Backend(Protocol):
     async def eval_status(self, job_id: str) -> dict[str, Any] | None: ...
 
 
+class ServiceUnavailable(Exception):
+    """The model could not answer for now (its replica died under the request, or Serve has none ready): 503 with
+    ``Retry-After``. The backend raises it; the client should retry."""
+
+    def __init__(self, message: str, retry_after_s: int = 1):
+        super().__init__(message)
+        self.message, self.retry_after_s = message, retry_after_s
+
+
 @dataclass(frozen=True)
 class ApiSettings:
     api_key: str | None
@@ -290,10 +324,24 @@ class Guard:
 def _error(status: int, message: str, kind: str = "invalid_request_error", *, param: str | None = None,
            code: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
     body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
-    return JSONResponse(body, status_code=status, headers=headers)
+    return JSONResponse(_encodable(body), status_code=status, headers=headers)
 
 
-_ERRORS = {s: {"model": ErrorResponse} for s in (400, 401, 404, 422, 429)}
+def _encodable(obj: Any) -> Any:
+    """``obj`` with what JSON cannot carry made printable: non-finite floats as "NaN" / "Infinity" / "-Infinity",
+    lone surrogates as ``\\udXXX`` escapes. An error that echoes the client's input must not fail to encode it."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return "NaN" if math.isnan(obj) else ("Infinity" if obj > 0 else "-Infinity")
+    if isinstance(obj, str):
+        return obj.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(obj, dict):
+        return {_encodable(k): _encodable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_encodable(v) for v in obj]
+    return obj
+
+
+_ERRORS = {s: {"model": ErrorResponse} for s in (400, 401, 404, 422, 429, 500, 503)}
 
 
 # ------------------------------------------------------------------------------------------------------------ app
@@ -305,14 +353,25 @@ def create_api(backend: Backend, settings: ApiSettings) -> FastAPI:
         errors = exc.errors()
         fields = [".".join(str(x) for x in e["loc"] if x != "body") or "body" for e in errors]
         message = "; ".join(f"{f}: {e['msg']}" for f, e in zip(fields, errors))
-        return JSONResponse({"error": {"message": message, "type": "invalid_request_error",
-                                       "param": fields[0] if fields else None, "code": None},
-                             "detail": jsonable_encoder(errors)}, status_code=422)
+        return JSONResponse(_encodable({"error": {"message": message, "type": "invalid_request_error",
+                                                  "param": fields[0] if fields else None, "code": None},
+                                        "detail": jsonable_encoder(errors)}), status_code=422)
 
     @app.exception_handler(RequestError)
     async def _bad(_: Request, exc: RequestError) -> JSONResponse:
         return _error(exc.status, f"{exc.param}: {exc.message}", param=exc.param,
                       code="model_not_found" if exc.status == 404 and exc.param == "model" else None)
+
+    @app.exception_handler(ServiceUnavailable)
+    async def _unavailable(_: Request, exc: ServiceUnavailable) -> JSONResponse:
+        return _error(503, exc.message, "server_error", code="model_unavailable",
+                      headers={"Retry-After": str(exc.retry_after_s)})
+
+    @app.exception_handler(Exception)
+    async def _bug(_: Request, exc: Exception) -> JSONResponse:
+        # Starlette would answer a bare "Internal Server Error" in text/plain; clients parse OpenAI's body
+        log.error("request failed", exc_info=exc)
+        return _error(500, "internal server error", "server_error")
 
     def check_model(name: str | None) -> str:
         names = backend.model_names()
@@ -503,6 +562,9 @@ async def _sse(backend: Backend, model: str, jobs: list[GenerateRequest], n: int
         except RequestError as e:  # a later choice refused: the stream has started, so say it in the stream
             yield _data({"error": {"message": f"{e.param}: {e.message}", "type": "invalid_request_error",
                                    "param": e.param, "code": None}})
+        except ServiceUnavailable as e:
+            yield _data({"error": {"message": e.message, "type": "server_error", "param": None,
+                                   "code": "model_unavailable"}})
         except Exception:
             log.exception("stream failed")
             yield _data({"error": {"message": "internal error while streaming", "type": "server_error",
@@ -513,7 +575,7 @@ async def _sse(backend: Backend, model: str, jobs: list[GenerateRequest], n: int
 
 
 def _data(obj: dict) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+    return f"data: {json.dumps(_encodable(obj), ensure_ascii=False)}\n\n"
 
 
 async def _close(stream: Any) -> None:

@@ -30,13 +30,15 @@ from typing import Any, AsyncIterator
 
 import yaml
 from ray import serve
+from ray.exceptions import NodeDiedError, RayActorError, WorkerCrashedError
 from ray.serve import Application
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 
 from apollo_ray import config as config_mod
 from apollo_ray.config import Config, ConfigError
 from apollo_ray.evaluation.benchmark import Item, ItemError, load_benchmark, load_shot_pool, parse_item
-from apollo_ray.serve.api import ApiSettings, GenerateRequest, create_api
+from apollo_ray.serve.api import ApiSettings, GenerateRequest, ServiceUnavailable, create_api
 from apollo_ray.serve.engine import RequestError, Sampling
 
 log = logging.getLogger(__name__)
@@ -152,15 +154,13 @@ class ModelServer:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
     def _prompt_ids(self, req: GenerateRequest) -> tuple[list[int], str]:
-        from apollo_ray.serve.engine import chat_prompt_ids, completion_prompt_ids
+        from apollo_ray.serve.engine import chat_prompt_ids, check_text, completion_prompt_ids
 
-        field_name = "messages" if req.messages is not None else "prompt"
-        try:
-            if req.messages is not None:
-                return chat_prompt_ids(self.tokenizer, req.messages), field_name
-            return completion_prompt_ids(self.tokenizer, req.prompt or ""), field_name
-        except UnicodeEncodeError as e:  # a lone surrogate that got past the API: the client's text, not our bug
-            raise RequestError(field_name, f"not valid Unicode text ({e.reason})") from None
+        if req.messages is not None:
+            check_text("messages", *(m["content"] for m in req.messages))
+            return chat_prompt_ids(self.tokenizer, req.messages), "messages"
+        check_text("prompt", req.prompt or "")
+        return completion_prompt_ids(self.tokenizer, req.prompt or ""), "prompt"
 
     async def _start(self, req: GenerateRequest) -> Any:
         from apollo_ray.serve.engine import Generation
@@ -234,6 +234,10 @@ class ModelServer:
                 queue = self._queues.get(gen)
                 if queue is not None:
                     queue.put_nowait(step)
+
+    def in_flight(self) -> int:
+        """Requests this replica is decoding or has waiting for a row."""
+        return len(self._queues)
 
     async def generate(self, req: GenerateRequest) -> dict[str, Any]:
         out: dict[str, Any] = {"text": ""}
@@ -466,7 +470,7 @@ class Ingress:
         return list(self.models)
 
     async def generate(self, model: str, request: GenerateRequest) -> dict[str, Any]:
-        return await _unwrapped(self.models[model].generate.remote(request))
+        return await _unwrapped(self.models[model].generate.remote(request), model)
 
     async def stream(self, model: str, request: GenerateRequest) -> AsyncIterator[dict[str, Any]]:
         gen = self.models[model].options(stream=True).stream.remote(request)
@@ -478,6 +482,9 @@ class Ingress:
                 except StopAsyncIteration:
                     finished = True
                     return
+                except _UNAVAILABLE as e:
+                    finished = True
+                    raise _unavailable(model, e) from e
                 if "refused" in piece:
                     finished = True  # a refusal is the model's last word
                     RequestError.raise_if_refused(piece)
@@ -499,22 +506,41 @@ class Ingress:
                 raise RequestError(f"items[{i}]", str(e)) from None
         request_items = [it for it, _ in parsed]
         pool = [it for it, has in parsed if has]
-        scores = await _unwrapped(self.models[model].score.remote(request_items, pool, shots))
+        scores = await _unwrapped(self.models[model].score.remote(request_items, pool, shots), model)
         for s, (it, has) in zip(scores, parsed):
             s["answer"] = it.answer if has else None
             s["correct"] = (s["predicted"] in it.answers) if has else None
         return scores
 
     async def submit_eval(self, model: str, benchmark: str, limit: int | None) -> dict[str, Any]:
-        return await _unwrapped(self.jobs.submit.remote(model, benchmark, limit))
+        return await _unwrapped(self.jobs.submit.remote(model, benchmark, limit), EVAL_JOBS)
 
     async def eval_status(self, job_id: str) -> dict[str, Any] | None:
-        return await self.jobs.get.remote(job_id)
+        try:
+            return await self.jobs.get.remote(job_id)
+        except _UNAVAILABLE as e:
+            raise _unavailable(EVAL_JOBS, e) from e
 
 
-async def _unwrapped(response: Any) -> Any:
-    """Await a handle call; a refusal becomes the RequestError the API answers with."""
-    return RequestError.raise_if_refused(await response)
+# What a handle call raises when the replica serving it died (killed, out of memory, its node lost) or none is ready:
+# the request was fine and a retry will reach the replica Serve starts instead. The API answers 503 + Retry-After.
+_UNAVAILABLE = (RayActorError, WorkerCrashedError, NodeDiedError, BackPressureError, DeploymentUnavailableError,
+                ReplicaUnavailableError)
+RETRY_AFTER_S = 5  # about what a replica of a small model takes to restart and load
+
+
+def _unavailable(what: str, e: BaseException) -> ServiceUnavailable:
+    return ServiceUnavailable(f"{what!r} is unavailable ({type(e).__name__}: its replica went away or none is "
+                              f"ready); retry shortly", RETRY_AFTER_S)
+
+
+async def _unwrapped(response: Any, deployment: str) -> Any:
+    """Await a handle call; a refusal becomes the RequestError the API answers with, a lost replica the 503."""
+    try:
+        reply = await response
+    except _UNAVAILABLE as e:
+        raise _unavailable(deployment, e) from e
+    return RequestError.raise_if_refused(reply)
 
 
 # ------------------------------------------------------------------------------------------------------------- build

@@ -11,6 +11,7 @@ Errors a client caused are ``RequestError`` (the server answers 400 and names th
 
 from __future__ import annotations
 
+import re
 import tempfile
 from collections import deque
 from dataclasses import dataclass
@@ -85,6 +86,15 @@ def eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
 
 
 # ------------------------------------------------------------------------------------------------------------ prompts
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def check_text(param: str, *texts: str) -> None:
+    """Refuse text with lone surrogates (a client can send them as JSON escapes), which tokenizers fail on."""
+    if any(_SURROGATE.search(t) for t in texts):
+        raise RequestError(param, "not valid Unicode text: contains a lone surrogate (\\ud800-\\udfff)")
+
+
 def completion_prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
     ids = encode(tokenizer, prompt)
     if not ids:

@@ -1,5 +1,6 @@
 """``apollo-ray train``: the driver. Builds the inputs (base → Post-MoE init, mixture rows), then a TorchTrainer whose
-workers run ``loop.train_loop_per_worker``; exports the final model to ``models/<run>/`` and MLflow.
+workers run ``loop.train_loop_per_worker``; exports the final model to ``models/<run>/`` and MLflow, and a Post-MoE
+one also as a stock ``Qwen2MoeForCausalLM`` to ``models/<run>-qwen2_moe/`` (``model.export``).
 
 Fault tolerance: checkpoints go to ``<root>/checkpoints/<run_name>/`` through ``ray.train.report``; a dead worker
 restarts the group from the latest one (FailureConfig), and rerunning the same command (same ``train.run_name``)
@@ -137,6 +138,11 @@ def run(cfg: Config, qa: str | None = None, callbacks: list | None = None) -> st
                     (hf / f.name).write_bytes(f.read_bytes())
             storage.put_dir(hf, out_uri)
             run_.log_artifacts(hf, "model")
+            if cfg.moe.layers:  # also as a stock Qwen2MoeForCausalLM, for engines that cannot import apollo_ray
+                from apollo_ray.model import export
+
+                export.export(str(hf), export.portable_uri(out_uri), endpoint_url=cfg.storage.endpoint_url,
+                              source=out_uri)
         metrics = result.metrics or {}
         run_.log_metrics({f"final/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
         storage.write_manifest(out_uri, Manifest(
