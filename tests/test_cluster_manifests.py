@@ -206,6 +206,9 @@ def test_every_manifest_validates_against_the_crds(preset):
     (("spec", "workerGroupSpecs", 0, "maxReplicas"), "maxReplica"),
     (("spec", "headGroupSpec", "template", "spec", "containers", 0, "resources"), "resource"),
     (("spec", "enableInTreeAutoscaling"), "enableInTreeAutoscaler"),
+    (("spec", "headGroupSpec", "template", "spec", "securityContext", "runAsNonRoot"), "runAsNonroot"),
+    (("spec", "workerGroupSpecs", 0, "template", "spec", "containers", 0, "securityContext",
+      "allowPrivilegeEscalation"), "allowPrivilegedEscalation"),
 ])
 def test_a_misspelled_field_is_caught(path, typo):
     obj = copy.deepcopy(generated()["raycluster.yaml"])
@@ -288,7 +291,8 @@ def test_non_crd_objects_hang_together():
     service = by_kind[("Service", opts.mlflow_service)]
     assert service["spec"]["selector"].items() <= labels.items()
     assert service["spec"]["ports"][0]["port"] == deploy.MLFLOW_PORT
-    claim = deployment["spec"]["template"]["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"]
+    (claim,) = [v["persistentVolumeClaim"]["claimName"] for v in deployment["spec"]["template"]["spec"]["volumes"]
+                if "persistentVolumeClaim" in v]
     assert ("PersistentVolumeClaim", claim) in by_kind
     args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
     assert args[args.index("--artifacts-destination") + 1].startswith("s3://")
@@ -312,6 +316,377 @@ def test_mlflow_on_a_database_secret_needs_no_volume():
     assert "--backend-store-uri" not in container["args"]
     assert _env(container)["MLFLOW_BACKEND_STORE_URI"]["valueFrom"]["secretKeyRef"] == {"name": "mlflow-db",
                                                                                          "key": "uri"}
+
+
+# ------------------------------------------------------------------------------------------ closed by default
+def _ray_pod_templates(objects: dict[str, dict]) -> Iterator[tuple[str, dict]]:
+    for name, obj in objects.items():
+        for spec in _cluster_specs({name: obj}):
+            yield f"{name}:head", spec["headGroupSpec"]["template"]
+            for group in spec["workerGroupSpecs"]:
+                yield f"{name}:{group['groupName']}", group["template"]
+
+
+def _submitter_templates(objects: dict[str, dict]) -> Iterator[tuple[str, dict]]:
+    for name, obj in objects.items():
+        if obj["kind"] == "RayJob":
+            yield f"{name}:submitter", obj["spec"]["submitterPodTemplate"]
+
+
+def _mlflow_template(objects: dict[str, dict]) -> dict:
+    return objects["mlflow-deployment.yaml"]["spec"]["template"]
+
+
+def _all_pod_templates(objects: dict[str, dict]) -> list[tuple[str, dict]]:
+    return [*_ray_pod_templates(objects), *_submitter_templates(objects), ("mlflow", _mlflow_template(objects))]
+
+
+def test_serve_requires_its_key_by_default():
+    opts, objects = repo_options(), generated()
+    assert repo_config().serve.api_key_env is None  # the repo's config names none: the cluster's is the default
+    shipped = config_mod.resolve(yaml.safe_load(objects["configmap.yaml"]["data"][deploy.CONFIG_FILE]))
+    key = shipped.serve.api_key_env
+    assert key == opts.serve_api_key_env == deploy.SERVE_API_KEY_ENV
+    # Serve listens on every interface of its pods: the key is what closes it.
+    serve = yaml.safe_load(objects["rayservice.yaml"]["spec"]["serveConfigV2"])
+    assert serve["http_options"]["host"] == "0.0.0.0" and serve["applications"][0]["args"]["config"] == \
+        deploy.CONFIG_PATH
+    specs = list(_cluster_specs(objects))
+    assert len(specs) == 10
+    for spec in specs:
+        for c in _ray_containers(spec):
+            env = _env(c)
+            # Required: a Secret without the key keeps the pod from starting, never lets it serve openly.
+            assert env[key]["valueFrom"]["secretKeyRef"] == {"name": opts.secrets.api_keys, "key": key}
+            other = env[repo_config().rewrite.openai.api_key_env]["valueFrom"]["secretKeyRef"]
+            assert other["optional"] is True  # the rewrite key is not needed to run
+    header = deploy.render(repo_config(), opts)["kustomization.yaml"]
+    assert f"--from-literal={key}=" in header and opts.secrets.api_keys in header
+
+
+def test_serve_key_name_from_the_config_or_the_options():
+    cfg = config_mod.resolve(config_mod.to_dict(repo_config()), ["serve.api_key_env=MY_SERVE_KEY"])
+    objects = deploy.build_manifests(cfg, repo_options())
+    assert deploy.for_cluster(cfg, repo_options()).serve.api_key_env == "MY_SERVE_KEY"  # the config's name is kept
+    env = _env(objects["raycluster.yaml"]["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0])
+    assert "optional" not in env["MY_SERVE_KEY"]["valueFrom"]["secretKeyRef"]
+    assert deploy.SERVE_API_KEY_ENV not in env
+    # Opening Serve is explicit: serve_api_key_env null, and no name in the config.
+    opened = repo_options().model_copy(update={"serve_api_key_env": None})
+    assert deploy.for_cluster(repo_config(), opened).serve.api_key_env is None
+    env = _env(deploy.build_manifests(repo_config(), opened)["raycluster.yaml"]["spec"]["headGroupSpec"]["template"]
+               ["spec"]["containers"][0])
+    assert deploy.SERVE_API_KEY_ENV not in env
+    assert "Serve is OPEN" in deploy.render(repo_config(), opened)["kustomization.yaml"]
+
+
+def test_deploy_options_reject_a_bad_serve_key_name(tmp_path):
+    bad = tmp_path / "deploy.yaml"
+    bad.write_text("serve_api_key_env: 'MY KEY'\n")
+    with pytest.raises(config_mod.ConfigError, match="serve_api_key_env"):
+        deploy.load_options(bad)
+
+
+def _mlflow_auth_config_module():
+    """mlflow/server/auth/config.py (how the server reads the ini and the MLFLOW_AUTH_ADMIN_* variables), loaded on
+    its own: importing the package runs the auth app's module, which needs Flask-WTF (mlflow[auth], the image's)."""
+    import importlib.util
+
+    import mlflow
+
+    path = Path(mlflow.__file__).parent / "server" / "auth" / "config.py"
+    spec = importlib.util.spec_from_file_location("_mlflow_auth_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_mlflow_requires_a_user_and_the_stages_have_one(tmp_path, monkeypatch):
+    read_auth_config = _mlflow_auth_config_module().read_auth_config
+    opts, objects = repo_options(), generated()
+    assert opts.mlflow.auth == "basic"
+    pod = _mlflow_template(objects)["spec"]
+    (server,) = pod["containers"]
+    (init,) = pod["initContainers"]
+    assert server["args"][server["args"].index("--app-name") + 1] == "basic-auth"
+    env = _env(server)
+    secret = opts.secrets.mlflow_auth
+    refs = {n: env[n]["valueFrom"]["secretKeyRef"] for n in
+            ("MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY")}
+    assert refs == {"MLFLOW_AUTH_ADMIN_USERNAME": {"name": secret, "key": "username"},
+                    "MLFLOW_AUTH_ADMIN_PASSWORD": {"name": secret, "key": "password"},
+                    "MLFLOW_FLASK_SERVER_SECRET_KEY": {"name": secret, "key": "flask_secret_key"}}
+    # The ini the init container writes is where the server reads it, on a volume both mount.
+    config_path = env["MLFLOW_AUTH_CONFIG_PATH"]["value"]
+    assert _env(init)["MLFLOW_AUTH_CONFIG_PATH"]["value"] == config_path
+    mounted = {m["name"]: m["mountPath"] for m in server["volumeMounts"]}
+    assert {m["name"]: m["mountPath"] for m in init["volumeMounts"]}.items() <= mounted.items()
+    assert any(config_path.startswith(path + "/") for path in mounted.values())
+    db_uri = _env(init)["MLFLOW_AUTH_DATABASE_URI"]["value"]
+    assert db_uri.startswith("sqlite:////mlflow/") and mounted["mlflow-db"] == "/mlflow"  # users kept on the PVC
+    # Run the init container's script, then read the result as MLflow does (a %-encoded password survives).
+    ini = tmp_path / "basic_auth.ini"
+    uri = "postgresql://mlflow:p%40ss%25word@db:5432/auth"
+    done = subprocess.run([sys.executable, "-c", init["command"][-1]], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "MLFLOW_AUTH_DATABASE_URI": uri, "MLFLOW_AUTH_CONFIG_PATH": str(ini)})
+    assert done.returncode == 0, done.stderr
+    for key, value in {"MLFLOW_AUTH_CONFIG_PATH": str(ini), "MLFLOW_AUTH_ADMIN_USERNAME": "apollo",
+                       "MLFLOW_AUTH_ADMIN_PASSWORD": "a-long-password"}.items():
+        monkeypatch.setenv(key, value)
+    auth = read_auth_config()
+    assert (auth.database_uri, auth.admin_username, auth.admin_password) == (uri, "apollo", "a-long-password")
+    assert auth.default_permission == "READ"
+    assert auth.authorization_function == "mlflow.server.auth:authenticate_request_basic_auth"
+    # Every Ray container logs as that user.
+    for spec in _cluster_specs(objects):
+        for c in _ray_containers(spec):
+            env = _env(c)
+            assert env["MLFLOW_TRACKING_USERNAME"]["valueFrom"]["secretKeyRef"] == refs["MLFLOW_AUTH_ADMIN_USERNAME"]
+            assert env["MLFLOW_TRACKING_PASSWORD"]["valueFrom"]["secretKeyRef"] == refs["MLFLOW_AUTH_ADMIN_PASSWORD"]
+    header = deploy.render(repo_config(), opts)["kustomization.yaml"]
+    assert f"create secret generic {secret}" in header and "flask_secret_key" in header
+
+
+def test_mlflow_auth_on_a_database_and_switched_off():
+    base = repo_options()
+    on_db = base.model_copy(update={"mlflow": deploy.MLflowOptions(database_secret="mlflow-db")})
+    pod = _mlflow_template(deploy.build_manifests(repo_config(), on_db))["spec"]
+    assert _env(pod["initContainers"][0])["MLFLOW_AUTH_DATABASE_URI"]["valueFrom"]["secretKeyRef"] == {
+        "name": "mlflow-db", "key": "auth_uri"}
+    assert "auth_uri" in deploy.render(repo_config(), on_db)["kustomization.yaml"]
+    off = base.model_copy(update={"mlflow": deploy.MLflowOptions(auth="none")})
+    objects = deploy.build_manifests(repo_config(), off)
+    pod = _mlflow_template(objects)["spec"]
+    assert "initContainers" not in pod and "--app-name" not in pod["containers"][0]["args"]
+    assert not any(e["name"].startswith("MLFLOW_AUTH") for e in pod["containers"][0]["env"])
+    env = _env(objects["raycluster.yaml"]["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0])
+    assert "MLFLOW_TRACKING_USERNAME" not in env and "MLFLOW_TRACKING_PASSWORD" not in env
+    assert "MLflow is OPEN" in deploy.render(repo_config(), off)["kustomization.yaml"]
+    with pytest.raises(ValueError):
+        deploy.MLflowOptions(auth="oauth")
+
+
+def _effective_security(pod_spec: dict, container: dict) -> dict:
+    # Container fields win over the pod's (Kubernetes' own merge); fsGroup and the like exist on the pod only.
+    return {**pod_spec.get("securityContext", {}), **container.get("securityContext", {})}
+
+
+@pytest.mark.parametrize("preset", ["repo", "qwen2-7b"])
+def test_every_container_runs_restricted(preset):
+    objects = generated(preset)
+    templates = _all_pod_templates(objects)
+    assert len(templates) == 10 * 3 + 8 + 1  # head + 2 worker groups per cluster, a submitter per job, MLflow
+    seen = 0
+    for where, template in templates:
+        spec = template["spec"]
+        mlflow = where == "mlflow"
+        assert spec["securityContext"]["fsGroup"] == (deploy.MLFLOW_GID if mlflow else deploy.RAY_GID), where
+        for c in [*spec.get("initContainers", []), *spec["containers"]]:
+            sc = _effective_security(spec, c)
+            assert "securityContext" in c, f"{where}/{c['name']}: the container states its own"
+            assert sc["runAsNonRoot"] is True and sc["runAsUser"] != 0 and sc["runAsGroup"] != 0, where
+            assert sc["allowPrivilegeEscalation"] is False and not sc.get("privileged"), where
+            assert sc["capabilities"] == {"drop": ["ALL"]}, where
+            assert sc["seccompProfile"] == {"type": "RuntimeDefault"}, where
+            if mlflow:
+                assert sc["readOnlyRootFilesystem"] is True
+            else:
+                # The rayproject/ray images' user; root stays writable (deploy.ray_container_security says why).
+                assert (sc["runAsUser"], sc["runAsGroup"]) == (deploy.RAY_UID, deploy.RAY_GID)
+                assert sc["readOnlyRootFilesystem"] is False
+            seen += 1
+    # The autoscaler sidecar KubeRay adds gets only autoscalerOptions.securityContext: complete on its own.
+    for spec in _cluster_specs(objects):
+        sc = spec["autoscalerOptions"]["securityContext"]
+        assert sc == deploy.ray_container_security() and sc["runAsNonRoot"] is True
+    assert seen == len(templates) + 1  # MLflow's init container
+
+
+def test_mlflow_writes_only_to_volumes():
+    spec = _mlflow_template(generated())["spec"]
+    (server,) = spec["containers"]
+    env = _env(server)
+    volumes = {v["name"] for v in spec["volumes"]}
+    mounts = {m["mountPath"]: m for m in server["volumeMounts"]}
+    assert {m["name"] for m in server["volumeMounts"]} <= volumes
+    # What MLflow writes on a read-only root: temp files (uploads, locks), $HOME (~/.config/mlflow), sqlite files.
+    assert "/tmp" in mounts and env["HOME"]["value"] == "/tmp" and "/mlflow" in mounts
+    assert mounts[deploy.MLFLOW_AUTH_DIR].get("readOnly") is True  # only the init container writes the ini
+    (auth_volume,) = [v for v in spec["volumes"] if v["name"] == "mlflow-auth"]
+    assert auth_volume["emptyDir"]["medium"] == "Memory"  # the ini may hold a database password: never on disk
+
+
+# A minimal strict schema of networking.k8s.io/v1 NetworkPolicy (no CRD to validate against): the fields used here.
+_SELECTOR = {"type": "object", "additionalProperties": False, "properties": {
+    "matchLabels": {"type": "object", "additionalProperties": {"type": "string"}},
+    "matchExpressions": {"type": "array", "items": {
+        "type": "object", "additionalProperties": False, "required": ["key", "operator"], "properties": {
+            "key": {"type": "string"}, "operator": {"enum": ["In", "NotIn", "Exists", "DoesNotExist"]},
+            "values": {"type": "array", "items": {"type": "string"}}}}}}}
+_PEER = {"type": "object", "additionalProperties": False, "minProperties": 1, "properties": {
+    "podSelector": _SELECTOR, "namespaceSelector": _SELECTOR,
+    "ipBlock": {"type": "object", "additionalProperties": False, "required": ["cidr"], "properties": {
+        "cidr": {"type": "string"}, "except": {"type": "array", "items": {"type": "string"}}}}},
+    "not": {"required": ["ipBlock", "podSelector"]}}
+_PORT = {"type": "object", "additionalProperties": False, "properties": {
+    "protocol": {"enum": ["TCP", "UDP", "SCTP"]}, "port": {"type": ["integer", "string"]},
+    "endPort": {"type": "integer"}}}
+NETWORK_POLICY_SCHEMA = {
+    "type": "object", "required": ["apiVersion", "kind", "metadata", "spec"], "additionalProperties": False,
+    "properties": {
+        "apiVersion": {"const": "networking.k8s.io/v1"}, "kind": {"const": "NetworkPolicy"},
+        "metadata": {"type": "object"},
+        "spec": {"type": "object", "required": ["podSelector"], "additionalProperties": False, "properties": {
+            "podSelector": _SELECTOR,
+            "policyTypes": {"type": "array", "items": {"enum": ["Ingress", "Egress"]}},
+            "ingress": {"type": "array", "items": {"type": "object", "additionalProperties": False, "properties": {
+                "from": {"type": "array", "items": _PEER}, "ports": {"type": "array", "items": _PORT}}}},
+            "egress": {"type": "array"}}}}}
+
+
+def _selects(selector: dict | None, labels: dict) -> bool:
+    """A Kubernetes label selector against a label set (an empty selector selects everything)."""
+    if selector is None:
+        return False
+    if not selector.get("matchLabels", {}).items() <= labels.items():
+        return False
+    for e in selector.get("matchExpressions", []):
+        has, value = e["key"] in labels, labels.get(e["key"])
+        ok = {"In": has and value in e.get("values", []), "NotIn": not has or value not in e.get("values", []),
+              "Exists": has, "DoesNotExist": not has}[e["operator"]]
+        if not ok:
+            return False
+    return True
+
+
+def _admits(policy: dict, pod: dict, port: int, ns: str, ns_labels: dict) -> bool:
+    """Whether ``policy`` lets a pod (its labels, in namespace ``ns`` with ``ns_labels``) reach ``port`` (TCP) of
+    the pods it selects: the NetworkPolicy semantics of the fields used (a peer without namespaceSelector means the
+    policy's namespace; a rule without ports means every port)."""
+    spec = policy["spec"]
+    for rule in spec.get("ingress", []):
+        if rule.get("ports") and not any(p.get("protocol", "TCP") == "TCP" and p["port"] == port
+                                         for p in rule["ports"]):
+            continue
+        for peer in rule["from"]:
+            in_ns = (_selects(peer["namespaceSelector"], ns_labels) if "namespaceSelector" in peer
+                     else ns == policy["metadata"]["namespace"])
+            if in_ns and ("podSelector" not in peer or _selects(peer["podSelector"], pod)):
+                return True
+    return False
+
+
+def _kuberay_pod_labels(template_labels: dict, cluster: str, node_type: str, group: str) -> dict:
+    """The labels KubeRay gives a Ray pod (ray-operator/controllers/ray/common/pod.go, labelPod): its own, with the
+    template's on top except ray.io/node-type, ray.io/group and ray.io/cluster."""
+    labels = {"ray.io/is-ray-node": "yes", "ray.io/cluster": cluster, "ray.io/node-type": node_type,
+              "ray.io/group": group, "ray.io/identifier": f"{cluster}-{node_type}",
+              "app.kubernetes.io/name": "kuberay", "app.kubernetes.io/created-by": "kuberay-operator"}
+    labels.update({k: v for k, v in template_labels.items()
+                   if k not in ("ray.io/node-type", "ray.io/group", "ray.io/cluster")})
+    return labels
+
+
+def test_network_policies_admit_only_the_cluster_and_the_ingress():
+    opts, objects = repo_options(), generated()
+    ns = opts.namespace
+    policies = {o["metadata"]["name"]: o for o in objects.values() if o["kind"] == "NetworkPolicy"}
+    assert sorted(policies) == [opts.mlflow_service, f"{opts.name}-ray"]
+    resources = deploy.kustomization(list(objects), opts)["resources"]
+    for name, obj in objects.items():
+        if obj["kind"] == "NetworkPolicy":
+            assert not list(jsonschema.Draft7Validator(NETWORK_POLICY_SCHEMA).iter_errors(obj)), name
+            assert _meta_errors(obj) == [] and name in resources  # applied with the long-lived objects
+            assert obj["spec"]["policyTypes"] == ["Ingress"]
+            for rule in obj["spec"]["ingress"]:
+                assert rule["from"], f"{name}: an empty `from` admits every source"
+    ray_policy, mlflow_policy = policies[f"{opts.name}-ray"], policies[opts.mlflow_service]
+
+    # The pods as they run: KubeRay's labels on the Ray pods (a RayJob's cluster has a generated name), the Job
+    # controller's on the submitter, the template's on MLflow.
+    ray_pods = []
+    for where, template in _ray_pod_templates(objects):
+        file, group = where.split(":")
+        cluster = f"{objects[file]['metadata']['name']}-x7k2q"
+        ray_pods.append(_kuberay_pod_labels(template.get("metadata", {}).get("labels", {}), cluster,
+                                            "head" if group == "head" else "worker", group))
+    assert len(ray_pods) == 30
+    submitters = [{**t["metadata"]["labels"], "job-name": "apollo-x7k2q"} for _, t in _submitter_templates(objects)]
+    mlflow_pod = _mlflow_template(objects)["metadata"]["labels"]
+    for pod in ray_pods:
+        assert _selects(ray_policy["spec"]["podSelector"], pod) and not _selects(mlflow_policy["spec"]["podSelector"],
+                                                                                  pod)
+    for pod in [*submitters, mlflow_pod]:
+        assert not _selects(ray_policy["spec"]["podSelector"], pod)
+    assert _selects(mlflow_policy["spec"]["podSelector"], mlflow_pod)
+    # The template labels the policies rely on survive KubeRay's labelling.
+    for _, t in _ray_pod_templates(objects):
+        assert not any(k.startswith("ray.io/") or k == "app.kubernetes.io/name" for k in t["metadata"]["labels"])
+
+    serve, dashboard, gcs, mlflow_port = repo_config().serve.port, deploy.DASHBOARD_PORT, 6379, deploy.MLFLOW_PORT
+    own_ns = {"kubernetes.io/metadata.name": ns}
+    ingress_ns = {"kubernetes.io/metadata.name": "ingress-nginx", "apollo-ray.io/serve-ingress": "true"}
+    operator_ns = {"kubernetes.io/metadata.name": "kuberay-system"}
+    operator = {"app.kubernetes.io/name": "kuberay-operator"}
+    stranger = {"app": "something-else"}
+
+    def ray(pod, port, where=ns, where_labels=own_ns):
+        return _admits(ray_policy, pod, port, where, where_labels)
+
+    for pod in ray_pods:  # head, workers: every port, whatever cluster of this deployment
+        assert all(ray(pod, p) for p in (gcs, dashboard, serve, 10001, 43127))
+    for pod in submitters:  # `ray job submit`: the dashboard only
+        assert ray(pod, dashboard) and not ray(pod, gcs) and not ray(pod, serve)
+    assert ray({"app": "ingress-nginx"}, serve, "ingress-nginx", ingress_ns)
+    assert not ray({"app": "ingress-nginx"}, dashboard, "ingress-nginx", ingress_ns)
+    assert not ray({"app": "ingress-nginx"}, gcs, "ingress-nginx", ingress_ns)
+    assert ray(operator, dashboard, "kuberay-system", operator_ns) and not ray(operator, gcs, "kuberay-system",
+                                                                               operator_ns)
+    assert not ray(operator, serve, "kuberay-system", operator_ns)
+    for port in (gcs, dashboard, serve, 10001):  # anything else: the namespace's other pods, MLflow, other namespaces
+        assert not ray(stranger, port) and not ray(mlflow_pod, port)
+        assert not ray(stranger, port, "ingress-nginx", {"kubernetes.io/metadata.name": "ingress-nginx"})
+        assert not ray(stranger, port, "kuberay-system", operator_ns)
+
+    def to_mlflow(pod, port, where=ns, where_labels=own_ns):
+        return _admits(mlflow_policy, pod, port, where, where_labels)
+
+    assert all(to_mlflow(pod, mlflow_port) for pod in ray_pods)
+    for pod in [*submitters, stranger]:
+        assert not to_mlflow(pod, mlflow_port)
+    assert not to_mlflow({"app": "ingress-nginx"}, mlflow_port, "ingress-nginx", ingress_ns)
+    assert not to_mlflow(operator, mlflow_port, "kuberay-system", operator_ns)
+
+
+def test_network_peers_are_options(tmp_path):
+    path = tmp_path / "deploy.yaml"
+    path.write_text(textwrap.dedent("""
+        ingress_from:
+          - namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: traefik}}
+            podSelector: {matchLabels: {app.kubernetes.io/name: traefik}}
+          - ipBlock: {cidr: 10.0.0.0/16, except: [10.0.5.0/24]}
+        operator_from: []
+    """))
+    opts = deploy.load_options(path)
+    policy = deploy.build_manifests(repo_config(), opts)["networkpolicy-ray.yaml"]
+    assert not list(jsonschema.Draft7Validator(NETWORK_POLICY_SCHEMA).iter_errors(policy))
+    serve_rules = [r for r in policy["spec"]["ingress"] if r.get("ports") == [
+        {"protocol": "TCP", "port": repo_config().serve.port}]]
+    assert serve_rules == [{"from": [
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "traefik"}},
+         "podSelector": {"matchLabels": {"app.kubernetes.io/name": "traefik"}}},
+        {"ipBlock": {"cidr": "10.0.0.0/16", "except": ["10.0.5.0/24"]}}],
+        "ports": [{"protocol": "TCP", "port": repo_config().serve.port}]}]
+    # No operator peers: no rule for them (an empty `from` would admit everyone), the cluster's own rules stay.
+    assert all(r["from"] for r in policy["spec"]["ingress"]) and len(policy["spec"]["ingress"]) == 3
+    closed = deploy.build_manifests(repo_config(), opts.model_copy(update={"ingress_from": [], "operator_from": []}))
+    assert len(closed["networkpolicy-ray.yaml"]["spec"]["ingress"]) == 2
+    for bad in ("ingress_from: [{podSelector: {matchLabel: {a: b}}}]\n",  # misspelled
+                "ingress_from: [{}]\n",  # neither selector nor block
+                "ingress_from: [{ipBlock: {cidr: 10.0.0.0/8}, podSelector: {}}]\n"):  # both
+        path.write_text(bad)
+        with pytest.raises(config_mod.ConfigError, match="ingress_from"):
+            deploy.load_options(path)
 
 
 def _find(node: Any, key: str) -> Iterator[Any]:
