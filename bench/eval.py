@@ -1,18 +1,28 @@
-"""Evaluation bench: batched option log-likelihood vs one-by-one greedy generation, items per second.
+"""Evaluation bench: batched option log-likelihood vs batched greedy generation, and vs lm-evaluation-harness on the
+same prompts; items per second.
 
 The same tiny Post-MoE model (the tiny base upcycled, built in a temporary storage root), the same N sample MCQ items
-with the same seeded k-shot prompts (the tiny preset's eval settings). Log-likelihood scores ``eval.batch_size``
-items per call through ``score_options``, all options of those items in one forward; generation is the reference's
-way, one prompt at a time, greedy, up to ``eval.max_new_tokens``, then answer extraction. Both run in this process
-(no Ray around them) after a warm-up, interleaved batch by batch. The ratio printed last is loglik items/s ÷
-generation items/s (wall clock), target ≥ 5.
+with the same seeded k-shot prompts (the tiny preset's native protocol). Three ways to score them, each over all N
+items per run, in this process (no Ray), after the model is loaded and warmed up:
 
-    python bench/eval.py [--items 64] [--threads 1] [--set eval.batch_size=16 ...]
+- ``loglik``: ``score_options``, ``eval.batch_size`` items per call, each prompt run once and its KV cache reused for
+  every option;
+- ``generate``: ``generate_answers``, greedy, batches of ``eval.batch_size``, up to ``eval.max_new_tokens``, then
+  answer extraction (the apollo protocol's work per item, minus its longer prompts);
+- ``lm-eval`` (when ``lm_eval[hf]`` is installed): lm-eval's own ``HFLM.loglikelihood`` on the identical
+  (prompt, option) pairs, batch ``eval.batch_size`` × options; its predictions are checked against ours.
+
+Runs are interleaved (the order rotates every repeat) so each way sees the same machine, repeated ``--repeats`` times;
+each way's items/s is printed as min / median / max, then the ratios of paired runs. The last line is loglik items/s
+÷ batched generation items/s (median of the paired ratios), target ≥ 1.5.
+
+    python bench/eval.py [--items 64] [--repeats 5] [--threads 1] [--set eval.batch_size=16 ...]
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import tempfile
 import time
@@ -22,9 +32,14 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
+def spread(xs: list[float]) -> str:
+    return f"{min(xs):8.2f} / {statistics.median(xs):8.2f} / {max(xs):8.2f}"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--items", type=int, default=64, help="sample MCQ items, taken round-robin over the languages")
+    p.add_argument("--repeats", type=int, default=5, help="interleaved runs of each way")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     p.add_argument("--set", action="append", default=[], help="config override, e.g. eval.max_new_tokens=64")
     args = p.parse_args()
@@ -34,6 +49,7 @@ def main() -> None:
 
     from apollo_ray.config import resolve
     from apollo_ray.evaluation.benchmark import MAX_OPTIONS
+    from apollo_ray.evaluation.prompts import continuations
     from apollo_ray.evaluation.runner import build_prompts, load_items
     from apollo_ray.evaluation.scoring import extract_answer, generate_answers, score_options
     from apollo_ray.model.tiny import ensure_base
@@ -47,56 +63,82 @@ def main() -> None:
         path = upcycle_checkpoint(ensure_base(cfg, storage), cfg.uri("models", "bench-moe"), cfg)
         model = AutoModelForCausalLM.from_pretrained(path).eval()
         tokenizer = AutoTokenizer.from_pretrained(path)
-
         items = load_items(cfg, storage)
         prompts, _ = build_prompts(cfg.eval, items, tokenizer)
-        # Round-robin over languages, so the mix of scripts (prompt lengths) is that of the whole set.
-        by_lang: dict[str, list] = {}
-        for e in items.items:
-            if e.uid in prompts:
-                by_lang.setdefault(e.item.language, []).append(e)
-        chosen = []
-        while len(chosen) < args.items and any(by_lang.values()):
-            for queue in by_lang.values():
-                if queue and len(chosen) < args.items:
-                    chosen.append(queue.pop(0))
-        its = [e.item for e in chosen]
-        ps = [prompts[e.uid] for e in chosen]
-        ecfg = cfg.eval
-        n_tokens = sum(len(tokenizer(x)["input_ids"]) for x in ps)
 
-        score_options(model, tokenizer, ps[:2], its[:2])  # warm-up: allocator, kernels, tokenizer caches
-        generate_answers(model, tokenizer, ps[:1], 4, batch_size=1)
-        # Interleaved batch by batch, so both ways see the same machine: on a shared box the load drifts, and two
-        # back-to-back phases would each time a different neighbour. CPU time is kept too (immune to the
-        # neighbours when single-threaded).
-        wall = {"loglik": 0.0, "generate": 0.0}
-        cpu = {"loglik": 0.0, "generate": 0.0}
-        new_tokens = 0
-        for i in range(0, len(ps), ecfg.batch_size):
-            w0, c0 = time.perf_counter(), time.process_time()
-            score_options(model, tokenizer, ps[i:i + ecfg.batch_size], its[i:i + ecfg.batch_size],
-                          batch_rows=ecfg.batch_size * MAX_OPTIONS)
-            w1, c1 = time.perf_counter(), time.process_time()
-            for prompt in ps[i:i + ecfg.batch_size]:
-                (text,) = generate_answers(model, tokenizer, [prompt], ecfg.max_new_tokens, batch_size=1)
-                extract_answer(text)
-                new_tokens += len(tokenizer(text, add_special_tokens=False)["input_ids"])
-            w2, c2 = time.perf_counter(), time.process_time()
-            wall["loglik"] += w1 - w0
-            wall["generate"] += w2 - w1
-            cpu["loglik"] += c1 - c0
-            cpu["generate"] += c2 - c1
-
+    # Round-robin over languages, so the mix of scripts (prompt lengths) is that of the whole set.
+    by_lang: dict[str, list] = {}
+    for e in items.items:
+        if e.uid in prompts:
+            by_lang.setdefault(e.item.language, []).append(e)
+    chosen = []
+    while len(chosen) < args.items and any(by_lang.values()):
+        for queue in by_lang.values():
+            if queue and len(chosen) < args.items:
+                chosen.append(queue.pop(0))
+    its = [e.item for e in chosen]
+    ps = [prompts[e.uid] for e in chosen]
+    ecfg = cfg.eval
+    bs = ecfg.batch_size
     n = len(ps)
-    print(f"{n} items ({len(by_lang)} languages, {ecfg.shots}-shot, {n_tokens / n:.0f} prompt tokens/item), "
-          f"{args.threads} thread(s)")
-    print(f"loglik   (batches of {ecfg.batch_size}): {n / wall['loglik']:8.2f} items/s  "
-          f"({wall['loglik']:.2f}s wall, {cpu['loglik']:.2f}s CPU)")
-    print(f"generate (one by one, ≤{ecfg.max_new_tokens} new tokens, {new_tokens / n:.1f} on average): "
-          f"{n / wall['generate']:8.2f} items/s  ({wall['generate']:.2f}s wall, {cpu['generate']:.2f}s CPU)")
-    print(f"ratio by CPU time: {cpu['generate'] / cpu['loglik']:.2f}")
-    print(f"ratio loglik/generate (items/s, wall): {wall['generate'] / wall['loglik']:.2f}")
+
+    def loglik() -> list[str]:
+        return [s.predicted for s in score_options(model, tokenizer, ps, its, batch_rows=bs * MAX_OPTIONS)]
+
+    new_tokens: list[int] = []
+
+    def generate() -> list[str | None]:
+        texts = generate_answers(model, tokenizer, ps, ecfg.max_new_tokens, batch_size=bs)
+        new_tokens.append(sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts))
+        return [extract_answer(t) for t in texts]
+
+    ways = {"loglik": loglik, "generate": generate}
+    try:
+        from lm_eval.api.instance import Instance
+        from lm_eval.models.huggingface import HFLM
+
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=bs * MAX_OPTIONS)
+        requests = [(i, j, Instance(request_type="loglikelihood", doc={}, arguments=(prompt, cont), idx=j))
+                    for i, (prompt, it) in enumerate(zip(ps, its)) for j, cont in enumerate(continuations(it))]
+
+        def lm_eval_loglik() -> list[str]:
+            scores = lm.loglikelihood([r for _, _, r in requests], disable_tqdm=True)
+            per_item: list[list[float]] = [[] for _ in its]
+            for (i, _, _), (ll, _) in zip(requests, scores):
+                per_item[i].append(ll)
+            return [it.letters[max(range(len(s)), key=s.__getitem__)] for it, s in zip(its, per_item)]
+
+        ways["lm-eval"] = lm_eval_loglik
+    except ImportError as e:
+        print(f"lm-eval not measured: {e} (pip install 'lm_eval[hf]')")
+
+    for way in ways.values():  # warm-up: allocator, kernels, tokenizer caches
+        way()
+    new_tokens.clear()
+    rates: dict[str, list[float]] = {name: [] for name in ways}
+    predictions: dict[str, list] = {}
+    names = list(ways)
+    for r in range(args.repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:  # rotate the order every repeat
+            t0 = time.perf_counter()
+            predictions[name] = ways[name]()
+            rates[name].append(n / (time.perf_counter() - t0))
+
+    print(f"{n} items ({len(by_lang)} languages, {ecfg.shots}-shot, "
+          f"{sum(len(tokenizer(x)['input_ids']) for x in ps) / n:.0f} prompt tokens/item), batches of {bs}, "
+          f"{args.threads} thread(s), {args.repeats} interleaved repeats")
+    print("items/s, min / median / max:")
+    print(f"  loglik                    {spread(rates['loglik'])}")
+    print(f"  generate (≤{ecfg.max_new_tokens} new tokens, "
+          f"{statistics.mean(new_tokens) / n:.1f} on average) {spread(rates['generate'])}")
+    if "lm-eval" in rates:
+        same = sum(a == b for a, b in zip(predictions["loglik"], predictions["lm-eval"]))
+        print(f"  lm-eval loglikelihood     {spread(rates['lm-eval'])}  (same prediction as ours on {same}/{n})")
+        ratios = [a / b for a, b in zip(rates["loglik"], rates["lm-eval"])]
+        print(f"ratio loglik / lm-eval (items/s, paired runs, min / median / max): {spread(ratios)}")
+    ratios = [a / b for a, b in zip(rates["loglik"], rates["generate"])]
+    print(f"ratio loglik / batched generate (items/s, paired runs, min / median / max): {spread(ratios)}")
+    print(f"ratio loglik / batched generate (items/s, median of paired runs): {statistics.median(ratios):.2f}")
 
 
 if __name__ == "__main__":
