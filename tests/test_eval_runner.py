@@ -348,6 +348,20 @@ def test_language_ids_decide_the_routing_only_when_configured(distinct):
             torch.testing.assert_close(model(input_ids=ids).logits, plain, atol=0, rtol=0)
 
 
+def test_actors_default_to_the_free_cpus_or_gpus(tmp_path, monkeypatch):
+    """Catches eval.actors defaulting to 1 (one model copy on an 8-CPU node), to more actors than batches, or to CPUs
+    when the evaluation runs on GPUs."""
+    import ray
+
+    monkeypatch.setattr(ray, "available_resources", lambda: {"CPU": 6.0, "GPU": 2.0})
+    assert runner.actor_count(_cfg(tmp_path), n_batches=20) == 6
+    assert runner.actor_count(_cfg(tmp_path), n_batches=4) == 4
+    assert runner.actor_count(_cfg(tmp_path, "resources.use_gpu=true", "resources.gpus_per_worker=1"), 20) == 2
+    assert runner.actor_count(_cfg(tmp_path, "eval.actors=3"), n_batches=20) == 3
+    monkeypatch.setattr(ray, "available_resources", lambda: {})
+    assert runner.actor_count(_cfg(tmp_path), n_batches=20) == 1
+
+
 def test_analyze_refuses_a_dense_model(models):
     with pytest.raises(routing.NotPostMoE, match="analyze needs a Post-MoE model"):
         routing.run(_cfg(models["root"]), [models["base"]])
