@@ -10,7 +10,10 @@ requests about that paragraph get (then plain success): ``500``/``503``/``429`` 
 (hold the reply until ``release()`` or the server stops, so that the client's timeout fires whatever the machine's
 load; with ``timeout_sleep_s`` set, sleep that long instead), ``empty`` (empty content), ``no_choices`` (a body without
 ``choices``), ``short`` (a 4-character answer), ``leak`` (the answer prefixed by a leakage phrase), ``wrong_lang`` (an
-English answer), ``garbage`` (text with no dialogue labels).
+English answer), ``garbage`` (text with no dialogue labels), ``truncated`` (finish_reason "length"), ``malformed`` (a
+200 whose body is not JSON), ``bad_usage`` (``"prompt_tokens": "ten"``), ``special`` (the text ``\x00{{{<|im_end|>``).
+With ``fault_rate`` set, every request that has no scheduled mode gets one of ``random_modes`` with that probability
+(seeded: the same run of requests gets the same faults).
 
 Run standalone for a bench: ``python tests/fake_openai.py --port 8123 --latency 0.05``.
 """
@@ -20,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import random
 import re
 import sys
 import threading
@@ -81,9 +85,12 @@ class PromptMatcher:
 
 class FakeOpenAI:
     def __init__(self, latency_s: float = 0.0, faults: dict[str, list[str]] | None = None,
-                 timeout_sleep_s: float | None = None, port: int | None = None, version: str = "v1"):
+                 timeout_sleep_s: float | None = None, port: int | None = None, version: str = "v1",
+                 fault_rate: float = 0.0, random_modes: tuple[str, ...] = (), seed: int = 0):
         self.latency_s = latency_s
         self.faults = {k: list(v) for k, v in (faults or {}).items()}
+        self.fault_rate, self.random_modes = fault_rate, random_modes
+        self._rng = random.Random(seed)
         self.timeout_sleep_s = timeout_sleep_s
         self._released = threading.Event()  # set: held replies go out (and later ones are not held)
         self.held = 0  # replies being held right now
@@ -137,6 +144,8 @@ class FakeOpenAI:
         for key, modes in self.faults.items():
             if key in paragraph and modes:
                 return modes.pop(0)
+        if self.fault_rate and self._rng.random() < self.fault_rate:
+            return self._rng.choice(self.random_modes)
         return "ok"
 
     def reply(self, step: str, lang: str, values: dict[str, str], ps: PromptSet) -> str:
@@ -207,13 +216,19 @@ class FakeOpenAI:
             text = WRONG_LANGUAGE
         elif mode == "garbage":
             text = "I would rather not write a conversation today."
-        usage = {"prompt_tokens": max(1, len(prompt) // 4), "completion_tokens": max(1, len(text) // 4)}
+        elif mode == "special":
+            text = "\x00{{{<|im_end|>"
+        elif mode == "malformed":
+            return Response('{"choices": [{"message": ', media_type="application/json")
+        usage: dict[str, Any] = {"prompt_tokens": max(1, len(prompt) // 4), "completion_tokens": max(1, len(text) // 4)}
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        if mode == "bad_usage":
+            usage["prompt_tokens"] = "ten"
         out: dict[str, Any] = {"id": f"chatcmpl-{self.requests}", "object": "chat.completion",
                                "created": int(time.time()), "model": body.get("model", "fake"), "usage": usage}
         if mode != "no_choices":
             out["choices"] = [{"index": 0, "message": {"role": "assistant", "content": text},
-                               "finish_reason": "stop"}]
+                               "finish_reason": "length" if mode == "truncated" else "stop"}]
         # Serialised here rather than by FastAPI's encoder: the bench wants the server's per-request cost small.
         return Response(json.dumps(out, ensure_ascii=False), media_type="application/json")
 

@@ -27,15 +27,6 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 # ------------------------------------------------------------------------------------------------------------ helpers
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    yield ray
-    ray.shutdown()
-
-
 def sample_docs(lang: str, kind: str = "corpus") -> list[dict]:
     lines = (SAMPLE_DATA / kind / f"{lang}.jsonl").read_text(encoding="utf-8").splitlines()
     return [json.loads(x) for x in lines if x.strip()]
@@ -173,10 +164,14 @@ def test_openai_faults_counted(ray_local, make_cfg):
     ex = sample_docs("en", "instruct")[0]
     rows.append(exam("exam-0", ex["question"], ex["answer"], "en"))
     key = {r["id"]: r["text"][:40] for r in rows}
+    # Server failures (5xx, 429, timeouts, empty / body-less / cut-off replies) are asked again; verdicts on the text
+    # (short, leaked, wrong language, unparseable, special tokens) are final. en-3's answer fails on all 4 attempts of
+    # the first pass, so a second pass asks again for en-3 alone and it succeeds.
     schedule = {"en-0": ["500", "503"], "en-1": ["429"], "en-2": ["timeout"],
                 "en-3": ["ok", "500", "500", "500", "500"],
                 "en-4": ["empty"], "en-5": ["no_choices"], "en-6": ["ok", "short"], "en-7": ["ok", "leak"],
-                "es-1": ["ok", "wrong_lang"], "dlg-bad": ["garbage"]}
+                "es-1": ["ok", "wrong_lang"], "dlg-bad": ["garbage"], "es-0": ["truncated", "bad_usage"],
+                "zh-0": ["malformed"], "en-8": ["special"]}
     faults = {key[k]: v for k, v in schedule.items()}
     # The "timeout" reply is held until the server stops, so the client's timeout fires exactly once (for en-2)
     # however slow the machine; the timeout itself is generous, so no other reply is ever late enough to be retried.
@@ -189,15 +184,16 @@ def test_openai_faults_counted(ray_local, make_cfg):
         out = rw.run(cfg, write_corpus(storage, rows))
         assert server.counts["unmatched"] == 0 and server.counts["timeout"] == 1
     m = storage.read_manifest(out)
-    expected_dropped = {"request_failed": 1, "empty_question": 1, "malformed_response": 1, "answer_too_short": 1,
-                        "leakage": 1, "wrong_language": 1, "dialogue_too_long": 1, "dialogue_unparseable": 1}
-    assert m.counts == {"in": len(rows), "kept": len(rows) - 8, "dropped": expected_dropped}
-    assert m.extra["retry_reasons"] == {"500": 4, "503": 1, "429": 1, "timeout": 1}
-    assert m.extra["retries"] == 7 and m.extra["tokens_in"] > 0 and m.extra["tokens_out"] > 0
+    expected_dropped = {"answer_too_short": 1, "leakage": 1, "wrong_language": 1, "dialogue_too_long": 1,
+                        "dialogue_unparseable": 1, "control_characters": 1}
+    assert m.counts == {"in": len(rows), "kept": len(rows) - 6, "dropped": expected_dropped}
+    assert m.extra["retry_reasons"] == {"500": 4, "503": 1, "429": 1, "timeout": 1, "empty_output": 1,
+                                        "malformed_response": 2, "truncated": 1, "pass:request_failed": 1}
+    assert m.extra["retries"] == 12 and m.extra["tokens_in"] > 0 and m.extra["tokens_out"] > 0
 
     items = {r["parent_id"]: r for r in read_items(storage, out)}
-    assert set(items) == {"en-0", "en-1", "en-2", "en-8", "es-0", "zh-0", "dlg-ok", "exam-0"}
-    for pid in ("en-0", "en-1", "en-2", "en-8", "es-0", "zh-0"):
+    assert set(items) == {"en-0", "en-1", "en-2", "en-3", "en-4", "en-5", "es-0", "zh-0", "dlg-ok", "exam-0"}
+    for pid in ("en-0", "en-1", "en-2", "en-3", "en-4", "en-5", "es-0", "zh-0"):
         text = rw.normalize(next(r["text"] for r in rows if r["id"] == pid))
         q, a = (x["content"] for x in items[pid]["messages"])
         assert a == text and q.rstrip("?？") == rw.sentences(text)[0].rstrip(".。")
@@ -209,15 +205,15 @@ def test_openai_faults_counted(ray_local, make_cfg):
     rejects = {r["reason"]: r for r in read_rejects(storage, out)}
     assert rejects["leakage"]["raw"].startswith("According to the text")
     assert rejects["answer_too_short"]["raw"] == "Yes."
-    assert "InternalServerError" in rejects["request_failed"]["raw"]
-    assert "paragraph en-5" in rejects["malformed_response"]["where"]
+    assert rejects["control_characters"]["raw"] == "\x00{{{<|im_end|>" and "paragraph en-8" in \
+        rejects["control_characters"]["where"]
 
     import mlflow
 
     client = mlflow.MlflowClient(cfg.tracking_uri())
     exp = client.get_experiment_by_name(cfg.tracking.experiment)
     run = client.search_runs([exp.experiment_id], "tags.`apollo.stage` = 'rewrite'")[0]
-    assert run.data.metrics["qa_out"] == len(rows) - 8 and run.data.metrics["retries"] == 7
+    assert run.data.metrics["qa_out"] == len(rows) - 6 and run.data.metrics["retries"] == 12
     assert run.data.metrics["rejected.leakage"] == 1 and run.data.metrics["retries.timeout"] == 1
 
 
@@ -250,7 +246,7 @@ def test_kill_and_rerun_exactly_once(ray_local, make_cfg, tmp_path):
             assert time.time() < deadline, "the killed job's actor did not go away"
             time.sleep(0.1)
         assert not storage.has_manifest(out)
-        committed = rw._parent_ids(storage, str(parts))
+        committed = rw._done_ids(storage, str(parts))
         assert 0 < len(committed) < len(rows)
         # An overlapping run could commit a paragraph twice; consolidation must keep one record.
         first = sorted(parts.glob("*.parquet"))[0]
@@ -312,8 +308,9 @@ def test_hf_backend_actor_pool(ray_local, make_cfg, tiny_hf_model):
     assert "exam-0" in {r["parent_id"] for r in items}
     for r in items:
         assert r["messages"] and all(x["content"] for x in r["messages"])
+    # a random-weight model writes any token: every verdict on the text may occur, no server failure can
     assert set(c["dropped"]) <= {"empty_question", "empty_answer", "answer_too_short", "leakage", "wrong_language",
-                                 "dialogue_unparseable", "empty_output"}
+                                 "dialogue_unparseable", "control_characters", "special_tokens", "no_letters"}
     assert m.extra["tokens_out"] > 0 and m.extra["semantic"]["model"] == tiny_hf_model
     assert all(r["raw"] is not None for r in read_rejects(storage, out))
     # What was kept or rejected is generated text only: at most hf_max_new_tokens tokens of the model's vocabulary

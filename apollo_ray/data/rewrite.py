@@ -43,8 +43,12 @@ and rerun redoes only what was never committed. The last step streams the parts,
 repeat ids only if two runs overlapped), checks that every paragraph has its record, writes ``items/`` (ITEM) and
 ``rejects/`` (REJECT) shards, then the manifest, then removes ``parts/``. The output folder is
 ``qa/<fingerprint(semantic rewrite config, corpus manifest hash)>/``; operational knobs (concurrency, qps, timeouts,
-retries, actors, batch size, base_url) do not change it. A reject is final like an item (``request_failed`` after
-the retries too): a rerun does not ask again, so the counts of a finished run never change; delete the folder to redo.
+retries, actors, batch size, base_url) do not change it. A reject that is a verdict on the text (too short, leakage,
+wrong language, control characters, ...) is final like an item. A reject whose cause is the server or the network
+(``TRANSIENT_REASONS``: the request failed after its retries, an empty, malformed or cut-off reply — each asked again
+up to ``rewrite.openai.max_retries`` times first) is not: the run makes up to ``RETRY_PASSES`` more passes over those
+paragraphs, a rerun asks again for them alone, and the manifest is written only when every paragraph has a final
+record, so a finished run's counts never hold a server's bad minute.
 
 Ray Data: the driver reads only the corpus ids, turns the rows still to do into work items (shard, row numbers), and
 maps them over a pool of ``rewrite.actors`` ``Rewriter`` actors, which read their rows, rewrite them and commit parts;
@@ -59,10 +63,12 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 import random
 import re
 import time
+import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,6 +79,8 @@ import pyarrow as pa
 from apollo_ray import languages as langs
 from apollo_ray.config import INSTRUCTION_KINDS, PRETRAIN_KINDS, Config, RewriteConfig, fingerprint
 from apollo_ray.data.records import ITEM, PARAGRAPH, REJECT, record_id
+from apollo_ray.errors import UserError
+from apollo_ray.redact import redact_text
 from apollo_ray.storage import Manifest, Storage, join
 
 log = logging.getLogger(__name__)
@@ -102,6 +110,27 @@ _OWN_SCRIPT = frozenset({"zh", "ja", "ko", "ar", "he", "hi", "th"})
 _DETECT_CHARS = 300
 _MIN_LANGUAGE_CONFIDENCE = 0.2
 _PROGRESS_EVERY_S = 10.0
+# Replies worth asking again (a rerun asks again too): the server or the network failed, not the paragraph. Every
+# other reject reason is a verdict on the text and final.
+TRANSIENT_REASONS = frozenset({"request_failed", "malformed_response", "empty_output", "truncated"})
+# Passes over the paragraphs whose record is still a transient reject, after the first, within one run.
+RETRY_PASSES = 2
+# Chat-template and tokenizer control tokens (<|im_end|>, <|endoftext|>, </s>, [INST], <<SYS>>) in generated text:
+# trained on, they would teach the model to end or restart turns mid-answer.
+_SPECIAL_TOKEN = re.compile(r"<\|[^<>|\s]{1,64}\|>|</?s>|\[/?INST\]|<</?SYS>>")
+# The script each language is written in, for texts too short for the statistical language check: a 15-character
+# question in Latin letters is not Chinese whatever the model says. Languages not listed are not script-checked.
+_SCRIPTS: dict[str, frozenset[str]] = {
+    **{c: frozenset({"CJK"}) for c in ("zh",)},
+    "ja": frozenset({"CJK", "HIRAGANA", "KATAKANA"}), "ko": frozenset({"HANGUL", "CJK"}),
+    "th": frozenset({"THAI"}), "lo": frozenset({"LAO"}), "mn": frozenset({"CYRILLIC", "MONGOLIAN"}),
+    **{c: frozenset({"ARABIC"}) for c in ("ar", "ckb")}, "he": frozenset({"HEBREW"}),
+    **{c: frozenset({"DEVANAGARI"}) for c in ("hi", "mai", "sa", "doi")},
+    **{c: frozenset({"CYRILLIC"}) for c in ("ru", "uk", "bg")}, "sr": frozenset({"CYRILLIC", "LATIN"}),
+    **{c: frozenset({"LATIN"}) for c in ("vi", "mg", "ceb", "su", "ilo", "en", "de", "pt", "es", "fr", "it", "hr",
+                                         "gl", "cs", "co", "la", "bs", "eo", "sq", "da", "no", "gn", "sk", "gd", "lb",
+                                         "mt", "ln", "bm", "sw", "nso", "ig", "rw", "ha")},
+}
 
 
 # ------------------------------------------------------------------------------------------------------------ prompts
@@ -382,6 +411,13 @@ class QpsLimiter:
         return at - now
 
 
+def _count(value: Any) -> int:
+    """A token count from a reply's usage: a non-negative integer, else 0 (a server may send anything there)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        return 0
+    return int(value)
+
+
 def _retryable(err: Exception) -> tuple[str | None, float | None]:
     """(retry reason, server's Retry-After seconds) for a transient error; (None, None) for a final one."""
     import openai
@@ -442,7 +478,11 @@ class OpenAIBackend:
                     if reason is None:
                         return Completion(error="request_error", raw=last, retries=retries)
                 else:
-                    return self._parse(resp, retries)
+                    reply = self._parse(resp, retries)
+                    # A malformed, empty or cut-off reply is the server's failure, not the paragraph's: ask again.
+                    if reply.error not in TRANSIENT_REASONS or attempt == c.max_retries:
+                        return reply
+                    reason = reply.error
             if attempt == c.max_retries:
                 break
             retries[reason] += 1
@@ -464,7 +504,7 @@ class OpenAIBackend:
         if not isinstance(body, dict):
             return Completion(error="malformed_response", raw=text, retries=retries)
         usage = body.get("usage") if isinstance(body.get("usage"), dict) else {}
-        tin, tout = int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
+        tin, tout = _count(usage.get("prompt_tokens")), _count(usage.get("completion_tokens"))
         choices = body.get("choices")
         choice = choices[0] if isinstance(choices, list) and choices and isinstance(choices[0], dict) else None
         message = choice.get("message") if choice else None
@@ -473,6 +513,8 @@ class OpenAIBackend:
         content = message.get("content") or ""
         if not isinstance(content, str):
             return Completion(error="malformed_response", raw=text, tokens_in=tin, tokens_out=tout, retries=retries)
+        if not content.strip():
+            return Completion(error="empty_output", raw=text, tokens_in=tin, tokens_out=tout, retries=retries)
         if choice.get("finish_reason") == "length":
             return Completion(error="truncated", raw=content, tokens_in=tin, tokens_out=tout, retries=retries)
         return Completion(text=content, raw=content, tokens_in=tin, tokens_out=tout, retries=retries)
@@ -767,15 +809,38 @@ class Rewriter:
         return rec.ok(messages, "dialogue")
 
     def _check(self, text: str, prompts: PromptSet, is_answer: bool) -> str | None:
-        if not text:
-            return "empty_answer" if is_answer else "empty_question"
-        if is_answer and len(text) < self.rcfg.min_answer_chars:
-            return "answer_too_short"
-        if find_leakage(text, prompts.leakage):
-            return "leakage"
-        if self.language.mismatch(text, prompts.language):
-            return "wrong_language"
-        return None
+        return check_text(text, prompts, self.language, self.rcfg.min_answer_chars if is_answer else None)
+
+
+def check_text(text: str, prompts: PromptSet, language: "LanguageCheck", min_answer_chars: int | None) -> str | None:
+    """Why a generated question (``min_answer_chars`` None) or answer cannot be a training item; None when it can."""
+    is_answer = min_answer_chars is not None
+    if not text.strip():
+        return "empty_answer" if is_answer else "empty_question"
+    if any(unicodedata.category(ch) in ("Cc", "Cs", "Co") and ch not in "\n\t\r" for ch in text):
+        return "control_characters"
+    if _SPECIAL_TOKEN.search(text):
+        return "special_tokens"
+    if not any(ch.isalpha() for ch in text):
+        return "no_letters"
+    if is_answer and len(text) < min_answer_chars:
+        return "answer_too_short"
+    if find_leakage(text, prompts.leakage):
+        return "leakage"
+    if _wrong_script(text, prompts.language) or language.mismatch(text, prompts.language):
+        return "wrong_language"
+    return None
+
+
+def _wrong_script(text: str, language: str) -> bool:
+    """Most letters are outside the scripts ``language`` is written in (Latin names and drug names inside a Chinese
+    text are fine: they are a minority)."""
+    scripts = _SCRIPTS.get(language)
+    if scripts is None:
+        return False
+    letters = [ch for ch in text if ch.isalpha()]
+    outside = sum(1 for ch in letters if unicodedata.name(ch, "?").split(" ", 1)[0] not in scripts)
+    return outside > len(letters) / 2
 
 
 # ------------------------------------------------------------------------------------------------------------- driver
@@ -819,13 +884,25 @@ def run(cfg: Config, corpus: str | None = None) -> str:
         t0 = time.time()
         shard_ids = _corpus_ids(storage, corpus, cm)
         corpus_ids = [i for _, ids in shard_ids for i in ids]
-        done = _parent_ids(storage, join(out, "parts"))
-        work = _work(shard_ids, done, _rows_per_item(rcfg))
-        log.info("rewrite: %d paragraphs in %s, %d already committed, %d to do (backend %s) → %s",
-                 len(corpus_ids), corpus, len(done), sum(len(w["rows"]) for w in work), rcfg.backend, out)
         this_run: Counter = Counter()
-        if work:
-            this_run = _map(cfg, storage, corpus, out, work, tracked)
+        for attempt in range(1 + RETRY_PASSES):
+            done = _done_ids(storage, join(out, "parts"))
+            work = _work(shard_ids, done, _rows_per_item(rcfg))
+            todo = sum(len(w["rows"]) for w in work)
+            if attempt == 0:
+                log.info("rewrite: %d paragraphs in %s, %d already done, %d to do (backend %s) → %s",
+                         len(corpus_ids), corpus, len(done), todo, rcfg.backend, out)
+            elif work:
+                log.info("rewrite: asking again for %d paragraphs whose replies failed transiently (pass %d of %d)",
+                         todo, attempt, RETRY_PASSES)
+            if not work:
+                break
+            this_run += _map(cfg, storage, corpus, out, work, tracked)
+        else:
+            if left := len(set(corpus_ids) - _done_ids(storage, join(out, "parts"))):
+                raise UserError(f"rewrite: {left} paragraphs still have only transient failures (the request or "
+                                f"the reply failed) after {RETRY_PASSES + 1} passes: is the LLM server at "
+                                f"{redact_text(rcfg.openai.base_url)} healthy? Rerun to ask again for those alone")
         manifest = _consolidate(cfg, storage, corpus, cm, out, corpus_ids)
         seconds = time.time() - t0
         c, x = manifest.counts, manifest.extra
@@ -865,9 +942,21 @@ def _part_uris(storage: Storage, parts: str) -> list[str]:
     return sorted(u for u in storage.ls(parts) if u.endswith(".parquet"))
 
 
-def _parent_ids(storage: Storage, parts: str) -> set[str]:
-    return {i for u in _part_uris(storage, parts) for i in _read_columns(storage, u, ["parent_id"])["parent_id"]
-            .to_pylist()}
+def _done_ids(storage: Storage, parts: str) -> set[str]:
+    """Paragraphs with a final record: an item, or a reject that is a verdict on the text. A transient reject (the
+    server failed) does not count, so the next pass or run asks again."""
+    done: set[str] = set()
+    for u in _part_uris(storage, parts):
+        t = _read_columns(storage, u, ["parent_id", "status", "reason"])
+        for pid, status, reason in zip(*(t[c].to_pylist() for c in ("parent_id", "status", "reason"))):
+            if status == "ok" or reason not in TRANSIENT_REASONS:
+                done.add(pid)
+    return done
+
+
+def _rank(status: str, reason: str | None) -> int:
+    """Which of a paragraph's records is its one record: an item, else a final reject, else a transient one."""
+    return 0 if status == "ok" else 2 if reason in TRANSIENT_REASONS else 1
 
 
 def read_shard(storage: Storage, uri: str) -> pa.Table:
@@ -951,14 +1040,28 @@ def _consolidate(cfg: Config, storage: Storage, corpus: str, cm: Manifest, out: 
     totals: Counter = Counter()
     items, rejects = _ShardWriter(storage, out, "items", ITEM, cfg.storage.shard_rows), \
         _ShardWriter(storage, out, "rejects", REJECT, cfg.storage.shard_rows)
-    for uri in _part_uris(storage, parts):
-        for r in _read_columns(storage, uri).to_pylist():
-            if r["id"] in seen:
-                continue  # a paragraph committed twice (overlapping runs): the first part in name order wins
-            seen.add(r["id"])
-            covered.add(r["parent_id"])
+    # A paragraph can have several records: one per pass that asked again after a transient failure, or two from
+    # overlapping runs. Its record is the best-ranked one, the first in part-name order among equals.
+    best: dict[str, tuple[int, int, int]] = {}
+    uris = _part_uris(storage, parts)
+    for u, uri in enumerate(uris):
+        t = _read_columns(storage, uri, ["id", "status", "reason"])
+        for i, (rid, status, reason) in enumerate(zip(*(t[c].to_pylist() for c in ("id", "status", "reason")))):
+            key = (_rank(status, reason), u, i)
+            if rid not in best or key < best[rid]:
+                best[rid] = key
+    for u, uri in enumerate(uris):
+        for i, r in enumerate(_read_columns(storage, uri).to_pylist()):
+            # every request was made and paid for, whichever record stands
             totals.update(retries=r["retries"], tokens_in=r["tokens_in"], tokens_out=r["tokens_out"])
             retry_reasons.update(json.loads(r["retry_reasons"] or "{}"))
+            if r["status"] != "ok" and r["reason"] in TRANSIENT_REASONS and best[r["id"]][1:] != (u, i):
+                retry_reasons[f"pass:{r['reason']}"] += 1  # a later pass asked again: one more retry
+                totals["retries"] += 1
+            if best[r["id"]][1:] != (u, i) or r["id"] in seen:
+                continue
+            seen.add(r["id"])
+            covered.add(r["parent_id"])
             if r["status"] == "ok":
                 by_language[r["language"]] += 1
                 by_kind[r["kind"]] += 1
