@@ -316,6 +316,22 @@ class ServeConfig(Section):
     max_prefill_tokens: int = Field(4096, ge=1, description="padded prompt tokens one decode step prefills; a longer "
                                                             "prompt is prefilled alone (engine apollo)")
     proxy: ProxyConfig | None = None
+    engine: Literal["apollo", "vllm"] = Field(
+        "apollo", description="apollo: this project's continuously batched engine (CPU or GPU; Post-MoE with language "
+                              "routing, proxy-tuning, eval routes); vllm: a Ray Serve LLM app (ray.serve.llm, vLLM; "
+                              "GPU images with ray[llm]) for plain and exported checkpoints")
+    vllm: dict[str, Any] = Field(default_factory=dict, description="engine vllm: LLMConfig fields merged over the "
+                                                                  "generated ones (engine_kwargs, accelerator_type, ...)")
+
+    @model_validator(mode="after")
+    def _engine(self) -> "ServeConfig":
+        if self.engine == "vllm" and self.proxy is not None:
+            raise _Impossible("serve.engine", self.engine, "vLLM cannot proxy-tune; serve.proxy needs serve.engine=apollo")
+        if self.engine == "vllm" and self.api_key_env:
+            raise _Impossible("serve.engine", self.engine, "Ray Serve LLM's OpenAI ingress checks no API key; unset "
+                                                           "serve.api_key_env (and put a gateway in front) or use "
+                                                           "serve.engine=apollo")
+        return self
 
 
 class ResourcesConfig(Section):

@@ -251,3 +251,27 @@ def test_replica_hops_to_the_torch_thread_once_per_step_not_per_request_token(mo
         _drive(alone, [g])
         assert (a["text"], a["finish_reason"], a["completion_tokens"]) == (g.text, g.finish_reason,
                                                                             g.completion_tokens)
+
+
+def test_sampling_follows_the_truncated_distribution_and_never_picks_a_token_without_mass():
+    """``engine.sample`` by inverse transform: over an even grid of draws each token's share is its probability
+    (after temperature and top-p), and draws at the very top of [0, 1) still land on a kept token."""
+    from apollo_ray.serve.engine import sample
+
+    logits_V = torch.log(torch.tensor([0.5, 0.25, 0.125, 0.0625, 0.0625]))
+    n = 4000
+    u_N = (torch.arange(n, dtype=torch.float64) + 0.5) / n
+    rows = logits_V.expand(n, -1)
+    for temperature, top_p, expected in ((1.0, None, [0.5, 0.25, 0.125, 0.0625, 0.0625]),
+                                         (1.0, 0.7, [2 / 3, 1 / 3, 0, 0, 0]),  # 0.5 + 0.25 reach 0.7
+                                         (0.5, None, None)):
+        tokens = sample(rows, torch.full((n,), temperature), None if top_p is None else torch.full((n,), top_p),
+                        u_N.float())
+        share = torch.bincount(tokens, minlength=5).double() / n
+        if expected is None:  # temperature 0.5 squares the probabilities before renormalising
+            p = torch.tensor([0.5, 0.25, 0.125, 0.0625, 0.0625]) ** 2
+            expected = (p / p.sum()).tolist()
+        assert torch.allclose(share, torch.tensor(expected, dtype=torch.float64), atol=2 / n), (temperature, top_p)
+    top = sample(logits_V.expand(3, -1), torch.ones(3), torch.full((3,), 0.7),
+                 torch.tensor([1 - 1e-9, 0.999999, 0.9999999]))
+    assert top.tolist() == [1, 1, 1]  # the last kept token, never a truncated one

@@ -18,6 +18,7 @@ where an operator tunes replicas without touching code.
 from __future__ import annotations
 
 import asyncio
+import gc
 import importlib.util
 import logging
 import os
@@ -117,8 +118,9 @@ class ModelServer:
     Continuous batching: every active request of the replica is a row of one ``engine.Decoder``, and one decode loop
     advances them all a token per step, one hop to the replica's torch thread per step (not per request and token).
     A request joins the batch at the next step after it arrives and leaves at its last token; its tokens reach its
-    ``stream`` through an asyncio queue. Torch work stays on that one thread so the event loop is free for Serve's
-    control calls; prompts are tokenized on a second thread so that they do not queue behind decode steps.
+    ``stream`` through an asyncio queue (``generate`` is woken once, at its end). Torch work stays on that one thread
+    so the event loop is free for Serve's control calls; prompts are tokenized on a second thread so that they do not
+    queue behind decode steps.
     """
 
     def __init__(self, spec: ModelSpec):
@@ -143,9 +145,13 @@ class ModelServer:
         self.stop_ids = eos_ids(self.lm, self.tokenizer)
         self.decoder = Decoder(self.lm, self.device, max_batch_size=spec.max_batch_size,
                                max_prefill_tokens=spec.max_prefill_tokens)
+        # A full garbage collection walks every object the imports and the load left behind (~0.5 s on a 2-core CPU
+        # with transformers loaded), stalling every request of the replica; frozen, they are never walked again.
+        gc.collect()
+        gc.freeze()
         self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"{spec.name}-torch")
         self._prep = ThreadPoolExecutor(1, thread_name_prefix=f"{spec.name}-tokenize")
-        self._queues: dict[Any, asyncio.Queue] = {}
+        self._sinks: dict[Any, Any] = {}  # generation → what takes its steps (a stream's queue, generate's future)
         self._wake: asyncio.Event | None = None
         self._loop: asyncio.Task | None = None
         log.info("%s ready on %s (context %d)", spec.name, self.device, self.context)
@@ -188,10 +194,8 @@ class ModelServer:
             return
         yield {"prompt_tokens": len(gen.prompt_ids)}
         queue: asyncio.Queue = asyncio.Queue()
-        self._queues[gen] = queue
-        self.decoder.submit(gen)
-        self._ensure_loop()
         try:
+            self._decode(gen, queue.put_nowait)
             while True:
                 step = await queue.get()
                 if isinstance(step, BaseException):
@@ -202,15 +206,47 @@ class ModelServer:
                     yield {"finish_reason": step.finish_reason, "completion_tokens": gen.completion_tokens}
                     return
         finally:
-            gen.cancel()  # a no-op when it has finished; else (the client went away) it leaves at the next step
-            self._queues.pop(gen, None)
+            self._forget(gen)
 
-    def _ensure_loop(self) -> None:
+    async def generate(self, req: GenerateRequest) -> dict[str, Any]:
+        """The whole answer at once: {"text", "finish_reason", "prompt_tokens", "completion_tokens"} (or
+        {"refused"}). Unlike ``stream`` it is woken once, at the end, not at every token."""
+        try:
+            gen = await self._start(req)
+        except RequestError as e:
+            return e.as_reply()
+        done: asyncio.Future = asyncio.get_running_loop().create_future()
+
+        def on_step(step: Any) -> None:
+            if done.done():
+                return
+            if isinstance(step, BaseException):
+                done.set_exception(step)
+            elif step.finish_reason:
+                done.set_result(None)
+
+        try:
+            self._decode(gen, on_step)
+            await done
+        finally:
+            self._forget(gen)
+        return {"text": gen.text, "finish_reason": gen.finish_reason, "prompt_tokens": len(gen.prompt_ids),
+                "completion_tokens": gen.completion_tokens}
+
+    def _decode(self, gen: Any, on_step: Any) -> None:
+        """Hand ``gen`` to the decoder; ``on_step`` gets each of its steps on this event loop (or the exception that
+        lost it)."""
+        self._sinks[gen] = on_step
+        self.decoder.submit(gen)
         if self._wake is None:
             self._wake = asyncio.Event()
         self._wake.set()
         if self._loop is None or self._loop.done():
             self._loop = asyncio.create_task(self._decode_loop())
+
+    def _forget(self, gen: Any) -> None:
+        gen.cancel()  # a no-op when it has finished; else (the client went away) it leaves at the next step
+        self._sinks.pop(gen, None)
 
     async def _decode_loop(self) -> None:
         """Step the decoder while it has work, one torch-thread hop per step; sleep when it has none."""
@@ -227,28 +263,17 @@ class ModelServer:
                 log.error("%s: a decode step failed; failing its %d requests", self.spec.name, len(e.generations),
                           exc_info=e.__cause__)
                 for gen in e.generations:
-                    if gen in self._queues:
-                        self._queues[gen].put_nowait(RuntimeError(f"decoding failed: {e.__cause__!r}"))
+                    if gen in self._sinks:
+                        self._sinks[gen](RuntimeError(f"decoding failed: {e.__cause__!r}"))
                 continue
             for gen, step in steps:
-                queue = self._queues.get(gen)
-                if queue is not None:
-                    queue.put_nowait(step)
+                sink = self._sinks.get(gen)
+                if sink is not None:
+                    sink(step)
 
     def in_flight(self) -> int:
         """Requests this replica is decoding or has waiting for a row."""
-        return len(self._queues)
-
-    async def generate(self, req: GenerateRequest) -> dict[str, Any]:
-        out: dict[str, Any] = {"text": ""}
-        async for piece in self.stream(req):
-            if "refused" in piece:
-                return piece
-            if "text" in piece:
-                out["text"] += piece["text"]
-            else:
-                out.update(piece)
-        return out
+        return len(self._sinks)
 
     async def score(self, items: list[Item], shot_pool: list[Item], shots: int) -> list[dict[str, Any]] | dict:
         """Option log-likelihoods of request items, k-shot prompts drawn from ``shot_pool``."""
@@ -565,6 +590,10 @@ def deployment_options(cfg: Config, autoscaling: dict[str, Any] | None = None) -
 
 
 def app_for(cfg: Config, autoscaling: dict[str, Any] | None = None) -> Application:
+    if cfg.serve.engine == "vllm":
+        from apollo_ray.serve import vllm
+
+        return vllm.app(cfg, autoscaling)
     specs = model_specs(cfg)
     opts = deployment_options(cfg, autoscaling)
     models = {name: ModelServer.options(name=name, **opts[name]).bind(spec) for name, spec in specs.items()}
@@ -596,6 +625,11 @@ def build_app(args: dict[str, Any]) -> Application:
 def serve_config(cfg: Config) -> dict[str, Any]:
     """A Serve config file (``serve deploy``) for this config: the app, its args and each deployment's options."""
     from apollo_ray.deploy import config_yaml
+
+    if cfg.serve.engine == "vllm":
+        from apollo_ray.serve import vllm
+
+        return vllm.serve_config(cfg)
 
     opts = deployment_options(cfg)
     return {
@@ -634,7 +668,11 @@ def run(cfg: Config, *, block: bool = True) -> str:
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
     serve.run(app, name=cfg.serve.model_name, route_prefix="/")
     base = url(cfg)
-    print(f"serving {', '.join(model_specs(cfg))} at {base}/v1 (OpenAI-compatible; docs at {base}/docs)", flush=True)
+    if cfg.serve.engine == "vllm":
+        print(f"serving {cfg.serve.model_name} at {base}/v1 (OpenAI-compatible; Ray Serve LLM, vLLM)", flush=True)
+    else:
+        print(f"serving {', '.join(model_specs(cfg))} at {base}/v1 (OpenAI-compatible; docs at {base}/docs)",
+              flush=True)
     if block:
         try:
             while True:

@@ -145,18 +145,29 @@ class Sampling:
     stop: tuple[str, ...] = ()
 
 
-def choose(logits_V: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
-    """The next token: argmax at temperature 0, else a draw from the temperature-scaled, nucleus-truncated softmax."""
-    if temperature == 0:
-        return int(torch.argmax(logits_V))
-    probs_V = torch.softmax(logits_V.float() / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_V, order_V = torch.sort(probs_V, descending=True)
+def sample(logits_RV: torch.Tensor, temperature_R: torch.Tensor, top_p_R: torch.Tensor | None,
+           u_R: torch.Tensor) -> torch.Tensor:
+    """One token per row from its temperature-scaled softmax, nucleus-truncated to ``top_p`` (None: no truncation),
+    by inverse transform of the row's own uniform draw ``u`` in [0, 1).
+
+    Rows never mix: each row's token depends only on its logits, settings and draw, whatever else is in the batch
+    (row-wise softmax, sort and cumsum), so a request samples the same tokens alone or batched. Callers keep rows
+    with and without top-p apart, as the two orders of summation differ.
+    """
+    probs_RV = torch.softmax(logits_RV.float() / temperature_R.unsqueeze(1), dim=-1)
+    order_RV = None
+    if top_p_R is not None:
+        probs_RV, order_RV = torch.sort(probs_RV, dim=-1, descending=True)
         # keep the smallest prefix whose mass reaches top_p: a token stays if the mass before it is still short
-        keep_V = (torch.cumsum(sorted_V, dim=-1) - sorted_V) < top_p
-        keep_V[0] = True
-        probs_V = torch.zeros_like(probs_V).scatter_(0, order_V[keep_V], sorted_V[keep_V])
-    return int(torch.multinomial(probs_V, 1, generator=generator))
+        keep_RV = (torch.cumsum(probs_RV, dim=-1) - probs_RV) < top_p_R.unsqueeze(1)
+        keep_RV[:, 0] = True
+        probs_RV = probs_RV * keep_RV
+    cdf_RV = torch.cumsum(probs_RV, dim=-1)
+    # The first token whose cumulative mass passes u x the row's total: it has mass, since the target is below the
+    # total (u is kept under 1 by more than float32 rounding can add back).
+    target_R1 = (u_R.clamp(max=1 - 2 ** -23) * cdf_RV[:, -1]).unsqueeze(1)
+    index_R1 = torch.searchsorted(cdf_RV, target_R1, right=True)
+    return (index_R1 if order_RV is None else order_RV.gather(1, index_R1)).squeeze(1)
 
 
 class TextStream:
@@ -250,9 +261,9 @@ class Generation:
     def cancel(self) -> None:
         self.cancelled = True
 
-    def sample(self, logits_V: torch.Tensor) -> int:
-        # on the CPU with a CPU generator: a seed gives the same answer on any device, alone or in any batch
-        return choose(logits_V.float().cpu(), self.sampling.temperature, self.sampling.top_p, self._generator)
+    def draw(self) -> float:
+        """This step's uniform draw, from the request's own generator (seeded: the same draws on any device)."""
+        return float(torch.rand((), generator=self._generator, dtype=torch.float64))
 
     def accept(self, token: int) -> Step:
         """Take the chosen token: the text it adds, and whether it ends the answer."""
@@ -344,8 +355,8 @@ class Decoder:
 
     A step (1) prefills the generations waiting to join, as one left-padded batch (up to ``max_batch_size`` rows in
     all and ``max_prefill_tokens`` padded prompt tokens per step), and appends them to the batch; (2) picks every
-    row's next token from its logits (argmax over the whole batch for greedy rows, each sampled row with its own
-    generator); (3) lets finished and cancelled rows leave; (4) runs one batched forward of the chosen tokens, whose
+    row's next token from its logits (argmax for greedy rows; the sampled ones in one batched draw, each row with its
+    own settings and its own generator's uniform); (3) lets finished and cancelled rows leave; (4) runs one batched forward of the chosen tokens, whose
     logits the next step picks from. No request waits for another's whole answer, and a request's tokens do not depend
     on its batch: each row attends only to its own slots, at its own positions.
 
@@ -453,10 +464,19 @@ class Decoder:
     def _pick(self) -> list[tuple[Generation, Step]]:
         """Every row's next token, from the logits of its last forward; finished rows leave the batch."""
         self.stats.max_rows = max(self.stats.max_rows, len(self.rows))
-        greedy_B = self.logits_BV.argmax(dim=-1).tolist()  # one host sync for the greedy rows' integers
+        chosen_B = self.logits_BV.argmax(dim=-1)
+        # sampled rows in two groups (with and without top-p), each one batched draw
+        for nucleus in (False, True):
+            rows = [b for b, g in enumerate(self.rows) if not g.greedy and (g.sampling.top_p < 1.0) == nucleus]
+            if rows:
+                gens = [self.rows[b] for b in rows]
+                index = torch.tensor(rows, device=self.device)
+                settings = lambda f: torch.tensor([f(g) for g in gens], device=self.device)  # noqa: E731
+                chosen_B[index] = sample(self.logits_BV[index], settings(lambda g: g.sampling.temperature),
+                                         settings(lambda g: g.sampling.top_p) if nucleus else None,
+                                         settings(lambda g: g.draw()))
         tokens, out, done = [], [], []
-        for b, gen in enumerate(self.rows):
-            token = greedy_B[b] if gen.greedy else gen.sample(self.logits_BV[b])
+        for gen, token in zip(self.rows, chosen_B.tolist()):  # one host sync for every row's token
             step = gen.accept(token)
             out.append((gen, step))
             tokens.append(token)
