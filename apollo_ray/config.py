@@ -184,11 +184,29 @@ class MoEConfig(Section):
     routing: Literal["topk", "language", "hybrid"] = "hybrid"
     renormalize: bool = Field(True, description="renormalise top-k weights (function-preserving upcycling); False "
                                                  "reproduces the reference code's unnormalised weights")
-    shared_expert: bool = False
+    shared_expert: Literal["none", "gated", "reference"] = Field(
+        "none", description="gated: an always-on expert beside the E routed ones, zero at step 0 (function-preserving); "
+                            "reference: the whole dense MLP, with top-(k-1) of E-1 routed experts (ApolloMoE)")
     router_init_std: float = Field(0.02, gt=0)
     aux_loss_coef: float = Field(0.0, ge=0)
     z_loss_coef: float = Field(0.0, ge=0)
     ep_size: int = Field(1, ge=1, description="expert-parallel ranks (DeepSpeed)")
+
+    @field_validator("shared_expert", mode="before")
+    @classmethod
+    def _shared_flag(cls, v: Any) -> Any:
+        # Config files from before the variants hold a bool; True was the gated expert.
+        return ("gated" if v else "none") if isinstance(v, bool) else v
+
+    @model_validator(mode="after")
+    def _reference_shared(self) -> "MoEConfig":
+        if self.shared_expert == "reference" and self.top_k < 2:
+            raise _Impossible("moe.shared_expert", "reference", f"routes top-(k-1); moe.top_k={self.top_k} leaves none")
+        if self.shared_expert == "reference" and self.routing != "topk":
+            # E-1 routed experts cannot give every language family its own; the reference crashes on the last one.
+            raise _Impossible("moe.shared_expert", "reference", f"leaves E-1 routed experts, one family short of an "
+                                                                f"expert for moe.routing={self.routing}; use topk")
+        return self
 
 
 # ------------------------------------------------------------------------------------------------------------ train

@@ -117,3 +117,22 @@ def test_to_dict_and_format():
     assert d["active_params"] == p.active_params
     text = p.format()
     assert "qwen2-7b" in text and "ZeRO-1" in text and "8.023 B" in text
+
+
+@pytest.mark.parametrize("shared, active, total, experts, routed, per_token", [
+    # Qwen2-0.5B: dense 494,032,768; MLP 3·896·4864 = 13,074,432; router row / gate 896; 2 sparse layers, E 7, k 2.
+    ("none", 494_032_768 + 2 * (13_074_432 + 7 * 896), 494_032_768 + 2 * (6 * 13_074_432 + 7 * 896),
+     2 * 7 * 13_074_432, 7, 2),
+    ("gated", 494_032_768 + 2 * (2 * 13_074_432 + 8 * 896), 494_032_768 + 2 * (7 * 13_074_432 + 8 * 896),
+     2 * 7 * 13_074_432, 7, 2),
+    # top-1 of 6 routed + the shared MLP, 6 router rows + the gate: the same totals as without a shared expert
+    ("reference", 494_032_768 + 2 * (13_074_432 + 7 * 896), 494_032_768 + 2 * (6 * 13_074_432 + 7 * 896),
+     2 * 6 * 13_074_432, 6, 1),
+])
+def test_shared_expert_variants_against_hand_counts(shared, active, total, experts, routed, per_token):
+    """Catches the reference variant counted with E routed experts and top-k (one MLP too many in both counts and in
+    the expert-parallel share) and a gated expert missing from the active count."""
+    p = plan(cfg("qwen2-0.5b", "moe.routing=topk", f"moe.shared_expert={shared}"))
+    assert (p.active_params, p.total_params, p.expert_params) == (active, total, experts)
+    assert (p.num_experts, p.experts_per_token, p.shared_expert) == (routed, per_token, shared)
+    assert (f"shared expert ({shared})" in p.format()) == (shared != "none")

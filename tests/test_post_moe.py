@@ -95,6 +95,79 @@ def test_upcycle_copies_weights_and_draws_the_router(dense):
     assert model.config.moe_layers == [2, 3] and isinstance(model.model.layers[1].mlp, type(dense_mlp))
 
 
+def test_reference_shared_expert_is_the_dense_mlp_beside_e_minus_1_routed(dense):
+    """The reference's shared-expert variant (ApolloMoE share_flag): the shared expert is the whole dense MLP and the
+    router picks top-(k-1) of E-1 experts. Catches a zeroed shared expert (ours), E or k not reduced, or a gate not
+    applied: at step 0 the block must compute (Σ routed weights + sigmoid(gate·h)) · MLP(h) exactly."""
+    dense_mlp = dense.model.layers[3].mlp
+    x = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(4))
+    for norm in (True, False):
+        model = make(dense, "topk", norm=norm, shared_expert="reference")
+        c, block = model.config, model.model.layers[3].mlp
+        assert (c.num_experts, c.num_experts_per_tok, len(block.experts)) == (E - 1, K - 1, E - 1)
+        assert c.expert_names == [f"family{e}" for e in range(E - 1)] and "ar" not in c.language_to_expert  # id 3
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            assert torch.equal(getattr(block.shared_expert, proj).weight, getattr(dense_mlp, proj).weight)
+        with torch.no_grad():
+            probs = block.router(x).float().softmax(-1)
+            routed = probs.topk(K - 1, dim=-1).values.sum(-1, keepdim=True)
+            routed = torch.ones_like(routed) if norm else routed
+            gate = torch.sigmoid(block.shared_expert_gate(x))
+            out, _ = block(x)
+            torch.testing.assert_close(out, (routed + gate) * dense_mlp(x), atol=1e-6, rtol=1e-5)
+            assert (gate > 0.25).all()  # a small gate logit: ≈ 1.5 × the dense MLP, not function-preserving
+
+
+def test_upcycled_model_keeps_tied_embeddings(dense):
+    """A base with tie_word_embeddings must upcycle to a model whose LM head *is* the embedding: an untied copy trains
+    apart from it and is silently replaced by the embedding when the checkpoint (tie_word_embeddings=True) reloads."""
+    model = make(dense)
+    assert model.config.tie_word_embeddings
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def test_shared_expert_variants_parameter_counts(dense):
+    """Counted on real upcycled models (hand formula: MLP = 3·64·128, gate = 64, router row = 64, 2 sparse layers).
+    Catches the reference variant keeping E experts (its total must equal the variant without a shared expert) and a
+    gated expert missing its MLP or gate."""
+    def n(model):
+        return sum(p.numel() for p in model.parameters())
+
+    mlp, h, layers = 3 * 64 * 128, 64, 2
+    none = n(make(dense, "topk"))
+    assert n(make(dense, "topk", shared_expert="gated")) - none == layers * (mlp + h)
+    assert n(make(dense, "topk", shared_expert="reference")) == none  # (E-1) experts + shared, (E-1) router rows + gate
+    assert none - n(dense) == layers * ((E - 1) * mlp + E * h)
+    assert n(make(dense, "topk", shared_expert=True)) == n(make(dense, "topk", shared_expert="gated"))  # old flag
+    with pytest.raises(Exception, match="top_k=1"):
+        make(dense, "topk", top_k=1, shared_expert="reference")
+
+
+def test_language_ids_past_the_last_expert_count_as_none(dense):
+    """With a reference shared expert the data side still numbers E families; the model has E-1. Catches an id = E-1
+    reaching the router / statistics (index out of range) instead of being routed top-k and left uncounted."""
+    ids, mask, lang = batch()  # row 2 is language 3 = the expert the shared one replaced
+    model = make(dense, "topk", shared_expert="reference")
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask, language_ids=lang)
+        plain = model(ids, attention_mask=mask, language_ids=torch.where(lang == 3, -1, lang))
+    torch.testing.assert_close(out.logits, plain.logits, atol=0, rtol=0)
+    assert torch.equal(out.router_stats.tokens_per_expert, plain.router_stats.tokens_per_expert)
+    assert out.router_stats.language_expert_counts.shape == (2, E - 1, E - 1)
+
+
+def test_typed_config_shared_expert_values(make_cfg):
+    """Old config files say shared_expert: true/false; they must keep meaning the gated expert / none. The reference
+    variant needs top_k ≥ 2 and topk routing (E-1 experts leave a family without its language expert)."""
+    assert make_cfg("moe.shared_expert=true").moe.shared_expert == "gated"
+    assert make_cfg("moe.shared_expert=false").moe.shared_expert == "none"
+    cfg = make_cfg("moe.experts=family", "moe.ep_size=1", "moe.routing=topk", "moe.shared_expert=reference")
+    assert moe_config_from(cfg)["shared_expert"] == "reference"
+    for bad in (["moe.routing=hybrid"], ["moe.routing=topk", "moe.top_k=1"]):
+        with pytest.raises(Exception, match="shared_expert"):
+            make_cfg("moe.experts=family", "moe.ep_size=1", "moe.shared_expert=reference", *bad)
+
+
 def test_zero_moe_layers_returns_the_dense_model(dense):
     assert make(dense, layers=0) is dense
 

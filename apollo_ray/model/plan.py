@@ -6,6 +6,8 @@ layer, E-1 more copies of the MLP and a router; a token uses K of them (1 with l
     active = dense + per sparse layer ((K-1) · MLP + router) [+ shared expert and its gate]
 
 which gives docs/methods.md §8's 0.52 B / 1.63 B / 8.02 B for the qwen2 presets (top-2 of 7 experts, last 2 layers).
+A ``gated`` shared expert adds one MLP and a gate to both counts. A ``reference`` one replaces an expert and a slot
+(top-(K-1) of E-1 routed experts + the shared MLP and its gate), so its counts equal those without a shared expert.
 
 Memory uses the ZeRO paper's accounting (Rajbhandari et al., 2020): per parameter, bf16 weights 2 B + bf16 grads 2 B
 + Adam 12 B (fp32 master, m, v); fp32 training 4 + 4 + 8 B. Stage 1 shards the optimizer states over the
@@ -56,8 +58,9 @@ class Plan:
     active_params: int  # used by one token
     expert_params: int  # in expert MLPs, split over ep_size ranks
     moe_layers: int
-    num_experts: int
-    experts_per_token: int
+    num_experts: int  # routed experts per sparse layer
+    experts_per_token: int  # routed experts a token uses
+    shared_expert: str
     routing: str
     zero_stage: int
     precision: str
@@ -84,8 +87,9 @@ class Plan:
             return f"{n / 1e9:.3f} B" if n >= 1e8 else f"{n / 1e6:.2f} M"
 
         m = self.memory
-        moe = (f"top-{self.experts_per_token} of {self.num_experts} experts in the last {self.moe_layers} layers, "
-               f"{self.routing} routing" if self.moe_layers else "dense (moe.layers = 0)")
+        shared = "" if self.shared_expert == "none" else f" + a shared expert ({self.shared_expert})"
+        moe = (f"top-{self.experts_per_token} of {self.num_experts} experts{shared} in the last {self.moe_layers} "
+               f"layers, {self.routing} routing" if self.moe_layers else "dense (moe.layers = 0)")
         if self.fits is None:
             verdict = "no GPU memory to compare with" if self.gpu_type is None else f"unknown gpu_type {self.gpu_type}"
         else:
@@ -135,15 +139,23 @@ def dense_params(a: ArchConfig) -> int:
     return a.num_hidden_layers * per_layer + a.hidden_size + embedding_params(a)
 
 
+def routed_experts(cfg: Config) -> int:
+    # The reference's shared expert takes the place of one routed expert (upcycle.py).
+    return cfg.num_experts - (cfg.moe.shared_expert == "reference")
+
+
 def experts_per_token(cfg: Config) -> int:
-    # Language routing sends a (known-language) token to its language expert alone.
-    return 1 if cfg.moe.routing == "language" else cfg.moe.top_k
+    """Routed experts per token: language routing sends a (known-language) token to its language expert alone; the
+    reference's shared expert takes one of the k slots."""
+    if cfg.moe.routing == "language":
+        return 1
+    return cfg.moe.top_k - (cfg.moe.shared_expert == "reference")
 
 
 def _moe_extra(cfg: Config, experts_used: int) -> int:
     a, m = cfg.model.arch, cfg.moe
-    router = cfg.num_experts * a.hidden_size
-    shared = (mlp_params(a) + a.hidden_size) if m.shared_expert else 0
+    router = routed_experts(cfg) * a.hidden_size
+    shared = (mlp_params(a) + a.hidden_size) if m.shared_expert != "none" else 0  # the MLP and its 1-output gate
     return m.layers * ((experts_used - 1) * mlp_params(a) + router + shared)
 
 
@@ -165,8 +177,8 @@ def activation_gib(cfg: Config) -> float:
     dense_layer = act * (attn + mlp)  # bytes per token
     # A sparse layer keeps, per chosen expert, the gathered input, the expert's MLP tensors and its weighted output,
     # and the fp32 router logits and probabilities.
-    sparse_layer = act * (attn + experts_per_token(cfg) * (2 * H + mlp) + (mlp if m.shared_expert else 0)) \
-        + 2 * cfg.num_experts * 4
+    sparse_layer = act * (attn + experts_per_token(cfg) * (2 * H + mlp) + (mlp if m.shared_expert != "none" else 0)) \
+        + 2 * routed_experts(cfg) * 4
     n_sparse = m.layers
     if t.activation_checkpointing:
         # Every layer's input stays; in the backward pass one layer at a time is recomputed with all its tensors.
@@ -189,12 +201,12 @@ def memory_gib(cfg: Config, stage: int) -> Memory:
 
 
 def _expert_params(cfg: Config) -> int:
-    return cfg.moe.layers * cfg.num_experts * mlp_params(cfg.model.arch) if cfg.moe.layers else 0
+    return cfg.moe.layers * routed_experts(cfg) * mlp_params(cfg.model.arch) if cfg.moe.layers else 0
 
 
 def _total_params(cfg: Config) -> int:
     dense = dense_params(cfg.model.arch)
-    return dense + _moe_extra(cfg, cfg.num_experts) if cfg.moe.layers else dense
+    return dense + _moe_extra(cfg, routed_experts(cfg)) if cfg.moe.layers else dense
 
 
 # ------------------------------------------------------------------------------------------------------------ plan
@@ -223,8 +235,9 @@ def plan(cfg: Config) -> Plan:
         active_params=active,
         expert_params=_expert_params(cfg),
         moe_layers=cfg.moe.layers,
-        num_experts=cfg.num_experts if moe_on else 0,
+        num_experts=routed_experts(cfg) if moe_on else 0,
         experts_per_token=experts_per_token(cfg) if moe_on else 0,
+        shared_expert=cfg.moe.shared_expert if moe_on else "none",
         routing=cfg.moe.routing,
         zero_stage=cfg.train.zero_stage,
         precision=cfg.train.precision,

@@ -54,10 +54,14 @@ class PostMoEConfig(Qwen2Config):
     norm_topk_prob: True renormalises the chosen weights to sum to 1, so upcycling is function-preserving. False keeps
         the reference code's *unnormalised* softmax weights: at initialisation every MoE output is the dense MLP output
         scaled by the sum of the chosen probabilities.
-    shared_expert: add an always-on expert (a dense-MLP copy with a zeroed down projection) behind a sigmoid gate.
+    shared_expert: add an always-on expert MLP behind a sigmoid gate, beside the routed ones. How it starts is
+        upcycling's choice (``moe.shared_expert``): ``gated`` zeroes its down projection beside E routed experts
+        (function-preserving); ``reference`` copies the dense MLP whole and routes top-(k-1) of E-1 experts, as the
+        reference code does, so ``num_experts`` / ``num_experts_per_tok`` here already count the routed ones only.
     router_aux_loss_coef / router_z_loss_coef: weights of the load-balancing and z losses added to the LM loss.
     expert_names: a display name per expert (language families or languages), for metrics and plots.
-    language_to_expert: language code → expert id; the data side uses it to build ``language_ids``.
+    language_to_expert: language code → expert id; the data side uses it to build ``language_ids``. Ids the model
+        has no expert for (≥ num_experts: the family the ``reference`` shared expert took the place of) count as -1.
     """
 
     model_type = "apollo_post_moe"
@@ -343,6 +347,9 @@ class PostMoEModel(PostMoEPreTrainedModel, Qwen2Model):
                 language_ids = language_ids.unsqueeze(1).expand(B, T)
             if language_ids.shape != (B, T):
                 raise ValueError(f"language_ids has shape {tuple(language_ids.shape)}; expected ({B}, {T}) or ({B},)")
+            # The data side numbers experts by the config's assignment; with a `reference` shared expert the model
+            # routes one expert fewer, and an id past the last one would index outside the router and the counts.
+            language_ids = language_ids.masked_fill(language_ids >= self.config.num_experts, -1)
 
         if not isinstance(causal_mask_mapping := attention_mask, dict):
             mask_kwargs = {

@@ -4,6 +4,15 @@ Every weight is copied; in each of the last N decoder layers the dense MLP is co
 bias-free router Linear(hidden → E) is drawn from N(0, router_init_std). With renormalised top-k weights the result
 computes exactly the dense function at step 0 (the reference's unnormalised weights do not).
 
+Shared expert (``shared_expert``, docs/methods.md §6 and §13):
+* ``gated`` (ours): a dense-MLP copy with a zero down projection beside the E routed experts, behind a sigmoid gate
+  drawn like the router; it adds exactly 0 at step 0, so upcycling stays function-preserving.
+* ``reference`` (ApolloMoE's ``share_flag``): the shared expert is the whole dense MLP, and the routed part shrinks to
+  E-1 experts with top-(k-1), so a token still runs k MLPs and the total stays E MLPs. Not function-preserving, as in
+  the reference: at step 0 a sparse layer computes (Σ routed weights + sigmoid(gate·h)) · MLP(h), ≈ 1.5 · MLP(h) with
+  renormalised weights. The family with the last expert id loses its expert (the reference crashes on it under
+  language routing), which is why the typed config allows this variant with ``topk`` routing only.
+
 Llama and Mistral bases become the same Qwen2-shaped model: their attention has no q/k/v bias, which Qwen2's has, so
 those biases are zero (a function-preserving rewrite; 3 small vectors per layer) and Mistral's sliding window, which
 applies to every layer, becomes ``layer_types = sliding_attention`` everywhere.
@@ -36,6 +45,7 @@ _SHARED_FIELDS = (
     "tie_word_embeddings", "rope_parameters", "attention_dropout", "use_cache", "pad_token_id", "bos_token_id",
     "eos_token_id",
 )
+SHARED_EXPERTS = ("none", "gated", "reference")
 _DENSE_MLP = re.compile(r"model\.layers\.(\d+)\.mlp\.(gate_proj|up_proj|down_proj)\.weight")
 
 
@@ -47,7 +57,7 @@ def upcycle(
     top_k: int,
     routing: str,
     norm_topk_prob: bool = True,
-    shared_expert: bool = False,
+    shared_expert: str | bool = "none",
     router_init_std: float = 0.02,
     expert_names: list[str],
     language_to_expert: dict[str, int],
@@ -63,6 +73,17 @@ def upcycle(
     if not 0 < layers <= n:
         raise UserError(f"moe.layers={layers}: the dense model has {n} decoder layers")
     moe_layers = list(range(n - layers, n))
+    if isinstance(shared_expert, bool):  # the flag before the variants existed: True was the gated expert
+        shared_expert = "gated" if shared_expert else "none"
+    if shared_expert not in SHARED_EXPERTS:
+        raise UserError(f"shared_expert={shared_expert!r}: expected one of {SHARED_EXPERTS}")
+    if shared_expert == "reference":
+        if top_k < 2:
+            raise UserError(f"shared_expert=reference routes top-(k-1): top_k={top_k} leaves no routed expert")
+        # The shared expert takes one of the E experts and one of the k slots (the reference's convert step).
+        num_experts, top_k = num_experts - 1, top_k - 1
+        expert_names = list(expert_names)[:num_experts]
+        language_to_expert = {c: e for c, e in language_to_expert.items() if e < num_experts}
     config = PostMoEConfig(
         **_qwen2_fields(dense_cfg),
         moe_layers=moe_layers,
@@ -70,7 +91,7 @@ def upcycle(
         num_experts_per_tok=top_k,
         routing=routing,
         norm_topk_prob=norm_topk_prob,
-        shared_expert=shared_expert,
+        shared_expert=shared_expert != "none",
         router_aux_loss_coef=aux_loss_coef,
         router_z_loss_coef=z_loss_coef,
         expert_names=list(expert_names),
@@ -84,6 +105,9 @@ def upcycle(
     state = _upcycled_state(dense_model.state_dict(), model.state_dict(), moe_layers, num_experts, shared_expert,
                             router_init_std, seed)
     model.load_state_dict(state, strict=True)
+    # Built under no_init_weights the LM head is a tensor of its own; untied, it would drift from the embedding in
+    # training, and a checkpoint saved with tie_word_embeddings=True would reload with the embedding in its place.
+    model.tie_weights()
     model.generation_config = copy.deepcopy(dense_model.generation_config)
     model.train(dense_model.training)
     return model
@@ -110,7 +134,7 @@ def _qwen2_fields(cfg: Any) -> dict[str, Any]:
 
 
 def _upcycled_state(dense: dict[str, torch.Tensor], target: dict[str, torch.Tensor], moe_layers: list[int],
-                    num_experts: int, shared_expert: bool, router_init_std: float, seed: int
+                    num_experts: int, shared_expert: str, router_init_std: float, seed: int
                     ) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for key, tensor in dense.items():
@@ -121,9 +145,11 @@ def _upcycled_state(dense: dict[str, torch.Tensor], target: dict[str, torch.Tens
         prefix, proj = f"model.layers.{m[1]}.mlp", m[2]
         for e in range(num_experts):
             out[f"{prefix}.experts.{e}.{proj}.weight"] = tensor  # load_state_dict copies: experts stay independent
-        if shared_expert:
+        if shared_expert == "gated":
             # A zero down projection makes the shared expert start as a no-op, keeping upcycling function-preserving.
             out[f"{prefix}.shared_expert.{proj}.weight"] = torch.zeros_like(tensor) if proj == "down_proj" else tensor
+        elif shared_expert == "reference":
+            out[f"{prefix}.shared_expert.{proj}.weight"] = tensor  # the whole dense MLP, as the reference converts it
     # Drawn in fp32 on the CPU from one seed, so the router is the same whatever the device and dtype.
     generator = torch.Generator().manual_seed(seed)
     for key in sorted(k for k in target if k not in out):
