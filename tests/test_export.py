@@ -98,6 +98,9 @@ def test_exported_config_is_qwen2_moe_as_trained(exported):
             ours.num_experts, ours.num_experts_per_tok, ours.norm_topk_prob)
         assert cfg["moe_intermediate_size"] == ours.intermediate_size == cfg["intermediate_size"]
         assert cfg["tie_word_embeddings"] == ours.tie_word_embeddings
+        # transformers 4's keys too (vLLM / SGLang releases pinned to it): the same rope base, not its default
+        assert cfg["rope_theta"] == cfg["rope_parameters"]["rope_theta"] == ours.rope_parameters["rope_theta"]
+        assert cfg["torch_dtype"] == cfg["dtype"] == "float32"
     assert exported["dense-routed"]["config"].num_experts_per_tok == 12
     assert exported["top1-shared-unnormalised"]["config"].norm_topk_prob is False
 

@@ -24,6 +24,7 @@ costs ``ZERO_SHARED_SIZE`` channels of compute per token in each sparse layer.
 
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
 from pathlib import Path
@@ -127,6 +128,7 @@ def export(src: str, out: str, *, fmt: str = "qwen2_moe", endpoint_url: str | No
     storage = Storage(out, endpoint_url)
     with tempfile.TemporaryDirectory(prefix="apollo-export-") as tmp:
         portable.save_pretrained(tmp)
+        _add_legacy_keys(Path(tmp) / "config.json")
         for f in local.iterdir():
             if f.is_file() and f.name.startswith(_TOKENIZER_FILES):
                 (Path(tmp) / f.name).write_bytes(f.read_bytes())
@@ -140,6 +142,22 @@ def export(src: str, out: str, *, fmt: str = "qwen2_moe", endpoint_url: str | No
                  "as our model does without language ids", source or src, routing)
     log.info("export: %s → %s (Qwen2MoeForCausalLM)", source or src, out)
     return out
+
+
+def _add_legacy_keys(path: Path) -> None:
+    """Also write the config keys transformers 4 reads (engines pinned to it: vLLM and SGLang releases, lm-eval
+    setups): ``rope_theta`` / ``rope_scaling`` beside transformers 5's ``rope_parameters``, ``torch_dtype`` beside
+    ``dtype``. Without them a transformers-4 reader falls back to its default rope_theta and silently computes
+    another model (Qwen2's is 1e6, the default 1e4)."""
+    config = json.loads(path.read_text())
+    rope = dict(config.get("rope_parameters") or {})
+    if "rope_theta" in rope:
+        config.setdefault("rope_theta", rope.pop("rope_theta"))
+    if rope.get("rope_type", "default") != "default":
+        config.setdefault("rope_scaling", {"type": rope["rope_type"], **rope})
+    if "dtype" in config:
+        config.setdefault("torch_dtype", config["dtype"])
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def run(cfg: Any, model: str | None = None, out: str | None = None, fmt: str = "qwen2_moe") -> str:
