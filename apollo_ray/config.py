@@ -214,7 +214,8 @@ class TrainConfig(Section):
     run_name: str = "apollo-tiny"
     seq_len: int = Field(512, ge=16)
     pack_min_split: int = Field(16, ge=0, description="cut a document into a row with at least this much room rather "
-                                                      "than open a new row (0: whole documents only)")
+                                                      "than open a new row, where that saves >= 1 % of a packing "
+                                                      "window's rows (0: whole documents only)")
     micro_batch_size: int = Field(2, ge=1, description="packed rows per worker per micro step")
     grad_accum: int = Field(1, ge=1)
     lr: float = Field(1e-3, gt=0)

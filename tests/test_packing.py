@@ -101,9 +101,34 @@ def test_split_to_fill_on_documents_long_relative_to_rows():
     split = pack(docs, 512, PAD, min_split=16)
     check_rows(split, docs, 512)
     assert plain.fill < 0.99 <= split.fill, (plain.fill, split.fill)
-    assert split.n_pieces > plain.n_pieces
+    assert split.n_pieces > plain.n_pieces and split.n_cut > 0 == plain.n_cut
+    assert len(split.rows) <= len(plain.rows) * 0.99  # the saving that justifies the cuts
     rows_with_room = [r for r in split.rows[:-1] if r.pad >= 16]
     assert len(rows_with_room) <= 1  # only a window's last row may keep room
+
+
+def test_no_cut_when_it_does_not_save_rows(docs: list[Doc], packed: PackResult):
+    """Long-tail lengths: cutting into leftover room fills no better (whole-document BFD is already ≥ 0.998), so the
+    packer must keep every document whole — a cut tail trains without its question. Catches min_split applied
+    unconditionally (it cuts ~8 % of these documents for the same number of rows)."""
+    from apollo_ray.train import packing
+
+    always = packing._bfd([(i, 0, len(d.input_ids)) for i, d in enumerate(docs)], SEQ, 16)
+    assert len({p[0] for row in always for p in row if p[1] > 0}) > 0.05 * len(docs)  # what unconditional cutting does
+    assert len(always) > len(packed.rows) * (1 - packing.MIN_ROW_SAVING)  # ... for no real saving
+    result = pack(docs, SEQ, PAD, min_split=16)
+    check_rows(result, docs, SEQ)
+    assert result.n_cut == 0 and result.n_pieces == len(docs) and result.stats["cut_windows"] == 0
+    assert len(result.rows) == len(packed.rows) and result.fill == packed.fill
+
+
+def test_cut_counts_documents_in_several_pieces():
+    """n_cut counts documents with a piece not at their start (too long for a row, or cut to fill): what the bench
+    reports as 'documents cut'."""
+    rng = np.random.default_rng(2)
+    docs = [Doc(rng.integers(1, 300, n), None, language_id=0) for n in (70, 5, 20, 20)]
+    result = pack(docs, 32, PAD)
+    assert result.n_cut == 1 and result.n_split == 1  # the 70-token document, in 3 pieces
 
 
 def test_long_documents_are_split_and_empty_skipped():

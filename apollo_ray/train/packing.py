@@ -8,6 +8,9 @@ on long-tail lengths that leaves ~12 % of every step as padding, and attention c
   reorders documents only inside a window, so the priority curriculum survives at window granularity; a larger window
   packs tighter but blurs the order more. Rows never span windows, so a resumed run restarts at a window boundary
   with the same rows.
+* **Documents stay whole** unless they are longer than a row. ``min_split`` may cut a document across two rows, but a
+  window keeps the cut layout only when it needs at least ``MIN_ROW_SAVING`` fewer rows than whole documents: a cut
+  tail trains without its question, which is worth it only for a real gain in fill (``bench/packing.py``).
 * **Documents stay apart.** ``position_ids`` restart at 0 at every document (and at every piece of a document longer
   than ``seq_len``); padding is a block of its own, positions 0, 1, ... . Boundaries are where a position is not the
   previous one plus one — the rule transformers uses to detect packed rows. ``seq_lens`` / ``cu_seqlens`` give the
@@ -39,6 +42,10 @@ import numpy as np
 IGNORE_INDEX = -100
 PAD_LANGUAGE = -1
 REFERENCE_BATCH = 256
+# A window keeps a layout with cut documents only if it saves at least this share of its rows: on long-tail lengths
+# cutting saves none (bench/packing.py: 0.9988 fill either way, 8.5 % of documents cut), on documents about a row long
+# (the sample mixture in 256-token rows) it saves 5 %.
+MIN_ROW_SAVING = 0.01
 
 
 @dataclass(frozen=True)
@@ -85,6 +92,7 @@ class PackResult:
     n_split: int                # documents longer than seq_len, cut into pieces
     n_pieces: int               # pieces placed (= n_docs + the extra pieces of split documents)
     n_empty: int = 0            # empty documents skipped
+    n_cut: int = 0              # documents placed in more than one piece (too long for a row, or cut by min_split)
     stats: dict[str, Any] = field(default_factory=dict)
 
 
@@ -116,9 +124,9 @@ def _bfd(pieces: list[_Piece], seq_len: int, min_split: int = 0) -> list[list[_P
     FIFO of rows — O(log) lookups, and among equally good rows the oldest wins, which keeps sampler order a little.
 
     ``min_split`` > 0: when a piece fits no open row and the roomiest open row has at least ``min_split`` tokens free,
-    the piece is cut — its head fills that row, its tail goes back in the queue — instead of opening a new row. On a
-    small corpus whose documents are long relative to ``seq_len`` this is what lifts the fill from ~0.95 to ≥ 0.99;
-    the price is a tail piece that starts without its document's beginning (its first label is masked like any piece).
+    the piece is cut — its head fills that row, its tail goes back in the queue — instead of opening a new row. The
+    price is a tail piece that starts without its document's beginning (its first label is masked like any piece);
+    ``pack`` keeps such a layout only where it saves enough rows.
     """
     heap = [(-p[2], k, p) for k, p in enumerate(pieces)]  # stable: equal lengths keep sampler order
     heapq.heapify(heap)
@@ -170,9 +178,19 @@ def pack(docs: Sequence[Doc], seq_len: int, pad_id: int, window: int = 4096, min
         raise ValueError(f"seq_len and window must be >= 1, got {seq_len}, {window}")
     per_doc, n_split, n_empty = _pieces(docs, seq_len)
     layout: list[list[_Piece]] = []
+    cut_windows = 0
     for w in range(0, len(per_doc), window):
-        layout += _bfd([p for ps in per_doc[w:w + window] for p in ps], seq_len, min_split)
-    return _materialize(docs, layout, seq_len, pad_id, n_split, n_empty, stats={"method": "bfd", "window": window, "min_split": min_split})
+        pieces = [p for ps in per_doc[w:w + window] for p in ps]
+        whole = _bfd(pieces, seq_len)
+        if min_split:
+            # Fill = tokens / (rows × seq_len), so fewer rows is the only gain cutting can bring.
+            cut = _bfd(pieces, seq_len, min_split)
+            if len(cut) <= len(whole) * (1 - MIN_ROW_SAVING):
+                whole = cut
+                cut_windows += 1
+        layout += whole
+    return _materialize(docs, layout, seq_len, pad_id, n_split, n_empty,
+                        stats={"method": "bfd", "window": window, "min_split": min_split, "cut_windows": cut_windows})
 
 
 def greedy_pack(docs: Sequence[Doc], seq_len: int, pad_id: int, batch: int = REFERENCE_BATCH) -> PackResult:
@@ -234,9 +252,10 @@ def _materialize(docs: Sequence[Doc], layout: list[list[_Piece]], seq_len: int, 
                         starts=tuple(p[1] for p in layout_row),
                         meta=tuple(docs[p[0]].meta for p in layout_row)))
     n_pieces = sum(len(r) for r in layout)
+    n_cut = len({p[0] for r in layout for p in r if p[1] > 0})  # a document with a piece not at its start
     fill = tokens / (len(rows) * seq_len) if rows else 0.0
     return PackResult(rows=rows, fill=fill, n_docs=len(docs) - n_empty, n_split=n_split, n_pieces=n_pieces,
-                      n_empty=n_empty, stats=stats)
+                      n_empty=n_empty, n_cut=n_cut, stats=stats)
 
 
 def stack(rows: Sequence[Row]) -> dict[str, np.ndarray]:
