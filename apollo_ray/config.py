@@ -465,14 +465,31 @@ def _tiny() -> dict:
 
 
 def _qwen2(base: str, arch: dict, activation_checkpointing: bool = False) -> Callable[[], dict]:
+    _INSTRUCT = ("dialogue", "exam", "general", "math", "code")
+
     def preset() -> dict:
         return {
             "model": {"base": base, "arch": arch, "dtype": "bfloat16"},
             "moe": {"layers": 2, "experts": "family", "top_k": 2, "routing": "hybrid", "ep_size": 1},
-            # Apollo: 128 x 4096 tokens per step (8 GPUs x 2 rows x 8 accumulation); lr 1e-4 for Post-MoE small models.
-            "train": {"seq_len": 4096, "micro_batch_size": 2, "grad_accum": 8, "lr": 1e-4, "zero_stage": 1,
+            # Sources: ApolloMoE 3.single_node_train.sh (Apollo-MoE-0.5B run), its train_qwen2_resume_val_upcycling.py
+            # and training_config/zero.yaml.
+            "train": {"seq_len": 4096,  # --max_seq_len 4096 (data preparation)
+                      # 8 GPUs x --train_bsz_per_gpu 2 x --gradient_accumulation_steps 2 = 32 rows of 4096 tokens
+                      "micro_batch_size": 2, "grad_accum": 2,
+                      "lr": 1e-4, "warmup_ratio": 0.03,  # --learning_rate 1e-4, --warmup_rates 0.03
+                      "betas": (0.9, 0.999),  # torch.optim.AdamW's defaults, which the script leaves as they are
+                      "weight_decay": 0.1, "grad_clip": 1.0, "zero_stage": 1,  # --weight_decay; zero.yaml
+                      # The script plans its cosine (to 0) over 1.35x the steps it runs, so the last step is at
+                      # 0.166 of the peak. Our cosine ends at the same floor; its shape is a full half-cosine, lower
+                      # mid-run (0.60 vs 0.73 of the peak halfway): reproducing that shape needs a schedule option.
+                      "min_lr_ratio": 0.166,
                       "precision": "bf16", "activation_checkpointing": activation_checkpointing,
                       "checkpoint_every": 500, "eval_every": 250},
+            # ApolloMoE data_process_train_prodata_qwen_language_family.py: medical QA from books, guidelines, papers,
+            # web and wikis π=16, 1 epoch; exams, patient dialogues, general instructions, code and math π=2,
+            # 2 epochs (Apollo, the DataConfig default, had code and math at π=16, 1 epoch). --n_epochs 1: one pass.
+            "data": {"priorities": {**{k: 16.0 for k in PRETRAIN_KINDS}, **{k: 2.0 for k in _INSTRUCT}},
+                     "epochs": {**{k: 1 for k in PRETRAIN_KINDS}, **{k: 2 for k in _INSTRUCT}}},
             "resources": {"num_workers": 8, "use_gpu": True, "cpus_per_worker": 8, "gpus_per_worker": 1,
                           "gpu_type": "H100-80GB"},
             "rewrite": {"backend": "openai"},

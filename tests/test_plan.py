@@ -136,3 +136,16 @@ def test_shared_expert_variants_against_hand_counts(shared, active, total, exper
     assert (p.active_params, p.total_params, p.expert_params) == (active, total, experts)
     assert (p.num_experts, p.experts_per_token, p.shared_expert) == (routed, per_token, shared)
     assert (f"shared expert ({shared})" in p.format()) == (shared != "none")
+
+
+@pytest.mark.parametrize("preset", ["qwen2-0.5b", "qwen2-1.5b", "qwen2-7b"])
+def test_qwen2_presets_follow_the_apollo_moe_scripts(preset):
+    """ApolloMoE's training script: 8 GPUs × 2 rows × 2 accumulation of 4096 tokens, AdamW betas left at torch's
+    (0.9, 0.999), code and math drawn at π=2 for 2 epochs like the other instruction kinds. Catches the presets
+    drifting back to Apollo's 128-row step, β2 0.95 or π=16 code/math."""
+    c = cfg(preset)
+    assert plan(c).tokens_per_step == 8 * 2 * 2 * 4096
+    assert c.train.betas == (0.9, 0.999) and c.train.lr == 1e-4 and c.train.warmup_ratio == 0.03
+    assert {k: (c.data.priorities[k], c.data.epochs[k]) for k in ("exam", "dialogue", "general", "math", "code")} \
+        == dict.fromkeys(("exam", "dialogue", "general", "math", "code"), (2.0, 2))
+    assert {(c.data.priorities[k], c.data.epochs[k]) for k in config_mod.PRETRAIN_KINDS} == {(16.0, 1)}
