@@ -311,6 +311,45 @@ class EvalConfig(Section):
         return self
 
 
+# --------------------------------------------------------------------------------------------------------- hygiene
+PII_TYPES: tuple[str, ...] = ("EMAIL", "PHONE", "URL", "IP", "ID", "MRN", "DOB", "NAME")
+
+
+class PIIConfig(Section):
+    """collect: personal data in the text of the kinds where people write about themselves, replaced by <TYPE>."""
+    enabled: bool = True
+    kinds: list[Kind] = Field(default_factory=lambda: ["dialogue", "web"],
+                              description="kinds whose documents are scrubbed (the rest are passed as they are)")
+    types: list[Literal["EMAIL", "PHONE", "URL", "IP", "ID", "MRN", "DOB", "NAME"]] = Field(
+        default_factory=lambda: list(PII_TYPES), description="what to replace; URL = URLs with personal paths only, "
+                                                             "ID = national ids, DOB = dates after a birth keyword")
+    ner_model: str | None = Field(None, description="spaCy pipeline (name or path) whose PER/PERSON entities become "
+                                                    "<NAME>; needs the `ner` extra; without it names stay")
+
+
+class DecontamConfig(Section):
+    """Between rewrite and the mixture: training items that overlap an evaluation benchmark are quarantined."""
+    enabled: bool = True
+    ngram: int = Field(13, ge=4, description="word n-grams, for scripts written with spaces")
+    char_ngram: int = Field(20, ge=4, description="character n-grams, for scripts without spaces (CJK, Thai, ...): "
+                                                  "20 characters are about 13 Chinese words")
+    near_match: float = Field(0.88, ge=0, le=1, description="also quarantine an item that reproduces this share of a "
+                                                            "benchmark question (or question + options) in order; "
+                                                            "0 = exact n-grams only")
+    min_match_units: int = Field(10, ge=1, description="near_match ignores benchmark texts shorter than this "
+                                                       "(words, or characters in unspaced scripts)")
+    max_ngram_items: int = Field(10, ge=1, description="an n-gram in more benchmark items than this is boilerplate "
+                                                      "('which of the following is ...'), not evidence")
+    extra_benchmarks: list[BenchmarkConfig] = Field(default_factory=list,
+                                                    description="benchmarks to decontaminate against besides "
+                                                                "eval.benchmarks (whose dev_path items count too)")
+
+
+class HygieneConfig(Section):
+    pii: PIIConfig = Field(default_factory=PIIConfig)
+    decontam: DecontamConfig = Field(default_factory=DecontamConfig)
+
+
 # ------------------------------------------------------------------------------------------------------------ serve
 class ProxyConfig(Section):
     base: str = Field(description="large untuned model (id/path)")
@@ -374,6 +413,7 @@ class Config(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     tune: TuneConfig = Field(default_factory=TuneConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    hygiene: HygieneConfig = Field(default_factory=HygieneConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
 

@@ -1,4 +1,5 @@
-"""``apollo-ray run`` / ``jobs/pipeline.py``: collect → rewrite → train → evaluate → analyze, linked by manifests.
+"""``apollo-ray run`` / ``jobs/pipeline.py``: collect → rewrite → decontaminate → train → evaluate → analyze, linked by
+manifests.
 
 Each stage returns the folder of the manifest it wrote (or found: a stage whose inputs and config are unchanged and
 whose output exists says so and skips). The parent MLflow run carries the lineage: every stage's output and the hash
@@ -19,7 +20,7 @@ log = logging.getLogger(__name__)
 
 
 def run(cfg: Config) -> dict:
-    from apollo_ray.data import collect, rewrite
+    from apollo_ray.data import collect, decontam, rewrite
     from apollo_ray.evaluation import routing, runner
     from apollo_ray.train import trainer
 
@@ -40,13 +41,14 @@ def run(cfg: Config) -> dict:
     with tracker.pipeline("pipeline") as parent:
         corpus = step("collect", collect.run, cfg)
         qa = step("rewrite", rewrite.run, cfg, corpus)
-        model = step("train", trainer.run, cfg, qa)
+        clean = step("decontaminate", decontam.run, cfg, qa)  # the rewrite folder itself when hygiene.decontam is off
+        model = step("train", trainer.run, cfg, clean)
         evaluation = step("evaluate", runner.run, cfg, [model])
         analysis = step("analyze", routing.run, cfg, [model]) if cfg.moe.layers else None
         parent.set_tags({f"apollo.lineage.{i}.{s['stage']}": f"{s['manifest']} {s['output']}"
                          for i, s in enumerate(lineage)})
         parent.log_dict({"lineage": lineage}, "lineage.json")
-    result = {"corpus": corpus, "qa": qa, "model": model, "evaluation": evaluation, "analysis": analysis,
-              "seconds": round(time.time() - t0, 1)}
+    result = {"corpus": corpus, "qa": qa, "decontaminated": clean, "model": model, "evaluation": evaluation,
+              "analysis": analysis, "seconds": round(time.time() - t0, 1)}
     log.info("pipeline finished in %.0fs", time.time() - t0)
     return result  # the front end prints it, once

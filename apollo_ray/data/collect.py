@@ -51,6 +51,7 @@ import pyarrow.compute as pc
 
 from apollo_ray import languages as langs
 from apollo_ray.config import INSTRUCTION_KINDS, PRETRAIN_KINDS, Config, DataConfig, SourceConfig, fingerprint
+from apollo_ray.data import pii as pii_mod
 from apollo_ray.data.records import PARAGRAPH, REJECT, record_id
 from apollo_ray.errors import UserError
 from apollo_ray.storage import Manifest, Shard, Storage, iter_files, join
@@ -301,9 +302,10 @@ RAW = pa.schema([
     ("text", pa.string()), ("fields", pa.string()), ("raw", pa.string()), ("reason", pa.string()),
 ])
 # After cleaning: normalised text, the language decision, and the dedup keys (minhash only for prose).
+# ``pii``: JSON {type: replacements} of the scrubbed text (and ``pii_fields`` of the record's other fields), else null.
 DOC = pa.schema([*RAW, ("language", pa.string()), ("language_mismatch", pa.bool_()), ("exact", pa.string()),
-                 ("minhash", pa.binary())])
-DEDUP_COLUMNS = ["order", "reason", "exact", "minhash", "kind", "language", "language_mismatch"]
+                 ("minhash", pa.binary()), ("pii", pa.string()), ("pii_fields", pa.string())])
+DEDUP_COLUMNS = ["order", "reason", "exact", "minhash", "kind", "language", "language_mismatch", "pii", "pii_fields"]
 
 
 class _Corrupt(Exception):
@@ -545,8 +547,8 @@ class _Progress:
 _progress = functools.lru_cache(maxsize=1)(_Progress)
 
 
-def _clean_batch(batch: pa.Table, data: DataConfig) -> pa.Table:
-    cleaner = Cleaner(data, worker_detector())
+def _clean_batch(batch: pa.Table, data: DataConfig, pii: Any = None) -> pa.Table:
+    cleaner = Cleaner(data, worker_detector(), pii)
     out = [cleaner.clean(r) for r in batch.to_pylist()]
     _progress().add(len(out), sum(r["reason"] is not None for r in out))
     return pa.Table.from_pylist(out, schema=DOC)
@@ -555,12 +557,15 @@ def _clean_batch(batch: pa.Table, data: DataConfig) -> pa.Table:
 class Cleaner:
     """Per-document work: normalise, language, quality filters, dedup keys."""
 
-    def __init__(self, data: DataConfig, detector: LanguageDetector):
+    def __init__(self, data: DataConfig, detector: LanguageDetector, pii: Any = None):
         self.data = data
         self.detector = detector
+        self.pii_kinds = frozenset(pii.kinds) if pii is not None and pii.enabled else frozenset()
+        self.scrubber = pii_mod.scrubber_for(pii) if self.pii_kinds else None
 
     def clean(self, r: dict[str, Any]) -> dict[str, Any]:
-        r = {**r, "language": None, "language_mismatch": False, "exact": None, "minhash": None}
+        r = {**r, "language": None, "language_mismatch": False, "exact": None, "minhash": None, "pii": None,
+             "pii_fields": None}
         if r["reason"] is not None:
             return r
         try:
@@ -574,6 +579,9 @@ class Cleaner:
         d = self.data
         text = r["text"] = normalise(r["text"])
         instruction = r["kind"] in INSTRUCTION_KINDS
+        if r["kind"] in self.pii_kinds:  # before the dedup keys and chunking: nothing downstream sees the originals
+            self._scrub(r)
+            text = r["text"]
         if not text.strip():
             r["reason"] = "too_short"
             return r
@@ -597,6 +605,14 @@ class Cleaner:
             if not instruction:
                 r["minhash"] = minhash(text, d.minhash_perm)
         return r
+
+    def _scrub(self, r: dict[str, Any]) -> None:
+        lang = r["declared_language"] if r["declared_language"] != "auto" else None
+        r["text"], counts = self.scrubber.scrub(r["text"], lang)
+        r["pii"] = json.dumps(counts, sort_keys=True) if counts else None
+        if r["fields"]:  # rewrite reads pass-through items from the record itself
+            r["fields"], counts = self.scrubber.scrub_json(r["fields"], lang)
+            r["pii_fields"] = json.dumps(counts, sort_keys=True) if counts else None
 
     def _language(self, text: str, declared: str) -> tuple[str | None, bool]:
         if declared != "auto" and declared not in self.detector.detectable:
@@ -861,7 +877,8 @@ def plot_tokens(rows: list[dict[str, Any]]) -> bytes:
 
 # -------------------------------------------------------------------------------------------------------- run
 def output_uri(cfg: Config, identity: dict[str, Any]) -> tuple[str, str]:
-    fp = fingerprint(STAGE, SCHEMA_VERSION, semantic_config(cfg.data), identity)
+    pii = pii_mod.semantic_config(cfg.hygiene.pii)  # None (scrubbing off) leaves the folder of before
+    fp = fingerprint(STAGE, SCHEMA_VERSION, semantic_config(cfg.data), identity, *([pii] if pii else []))
     return cfg.uri("corpus", fp), fp
 
 
@@ -884,7 +901,7 @@ def run(cfg: Config) -> str:
         return out
     storage.delete(out)  # leftovers of an interrupted attempt: this attempt rewrites the folder from scratch
     inputs = {name: fingerprint(ident) for name, ident in identity.items()}
-    section = semantic_config(cfg.data)
+    section = {**semantic_config(cfg.data), "pii": pii_mod.semantic_config(cfg.hygiene.pii)}
 
     init_ray()
     log.info("collect: %d sources, %d read tasks → %s", len(sources), len(tasks), out)
@@ -894,7 +911,7 @@ def run(cfg: Config) -> str:
             _read_batch, batch_size=1, batch_format="pyarrow",
             fn_kwargs={"sources": sources, "endpoint": storage.endpoint_url})
         docs = raw.map_batches(_clean_batch, batch_size=256, batch_format="pyarrow",
-                               fn_kwargs={"data": cfg.data}).materialize()
+                               fn_kwargs={"data": cfg.data, "pii": cfg.hygiene.pii}).materialize()
         keys = pa.concat_tables(list(docs.select_columns(DEDUP_COLUMNS).iter_batches(batch_format="pyarrow")),
                                 promote_options="default") if docs.count() else \
             pa.schema([DOC.field(c) for c in DEDUP_COLUMNS]).empty_table()
@@ -910,11 +927,16 @@ def run(cfg: Config) -> str:
                                                                     keys["order"].to_pylist())]
         doc_counts: Counter = Counter()
         mismatches = 0
-        for k, lang, kind, mm in zip(kept_mask, keys["language"].to_pylist(), keys["kind"].to_pylist(),
-                                     keys["language_mismatch"].to_pylist()):
+        pii_counts: Counter = Counter()  # replacements per type in the kept documents' text (what is trained on)
+        pii_fields: Counter = Counter()
+        for k, lang, kind, mm, p, pf in zip(kept_mask, keys["language"].to_pylist(), keys["kind"].to_pylist(),
+                                            keys["language_mismatch"].to_pylist(), keys["pii"].to_pylist(),
+                                            keys["pii_fields"].to_pylist()):
             if k:
                 doc_counts[(lang, kind)] += 1
                 mismatches += bool(mm)
+                pii_counts.update(json.loads(p or "{}"))
+                pii_fields.update(json.loads(pf or "{}"))
         counts = {"in": keys.num_rows, "kept": sum(kept_mask),
                   "dropped": {r: reasons[r] for r in (*CORRUPT_REASONS, *FILTER_REASONS) if reasons[r]}}
 
@@ -938,7 +960,8 @@ def run(cfg: Config) -> str:
 
         tracking.log_metrics({"in": counts["in"], "kept": counts["kept"], "paragraphs": n_par, "tokens": n_tok,
                               "language_mismatch": mismatches, "seconds": elapsed,
-                              **{f"dropped.{r}": n for r, n in counts["dropped"].items()}})
+                              **{f"dropped.{r}": n for r, n in counts["dropped"].items()},
+                              **{f"pii.{t}": n for t, n in pii_counts.items()}})
         with tempfile.TemporaryDirectory() as tmp:
             for name in files.values():
                 Path(tmp, name).write_bytes(storage.read_bytes(join(out, name)))
@@ -948,7 +971,8 @@ def run(cfg: Config) -> str:
             stage=STAGE, fingerprint=fp, shards=shards, counts=counts, config=section, inputs=inputs, files=files,
             extra={"paragraphs": n_par, "tokens": n_tok, "language_mismatch": mismatches, "stats": stats,
                    "schema_version": SCHEMA_VERSION, "quarantine": [vars(s) for s in quarantine],
-                   "skipped_files": skipped})
+                   "skipped_files": skipped, "pii": dict(sorted(pii_counts.items())),
+                   "pii_fields": dict(sorted(pii_fields.items()))})
         storage.write_manifest(out, manifest)
     log.info("collect: %d in, %d kept, dropped %s; %d paragraphs, %d tokens in %.1fs (%.0f docs/s) → %s",
              counts["in"], counts["kept"], counts["dropped"], n_par, n_tok, elapsed,

@@ -496,6 +496,8 @@ def run(cfg: Config, models: list[str] | None = None) -> str:
                              "source": e.item.source, "answer": e.item.answer, **outcome_of[e.uid]} for e in scored]
 
         table = markdown_table(results, minor_columns=True, protocol=protocol_line)
+        from apollo_ray.data.decontam import table_note  # hygiene: the benchmarks the training data was checked against
+        table += table_note(cfg, storage, refs)
         log.info("%s: accuracy (%%):\n%s", STAGE, table)
         files = {"results": "results.json", "table": "table.md", "plot": "accuracy.png",
                  "predictions": "predictions.jsonl", "rejects": "rejects.json"}

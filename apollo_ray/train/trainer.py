@@ -61,6 +61,9 @@ def run(cfg: Config, qa: str | None = None, callbacks: list | None = None) -> st
         from apollo_ray.data import rewrite
 
         qa = rewrite.run(cfg)
+    from apollo_ray.data import decontam
+
+    qa = decontam.run(cfg, qa)  # benchmark overlap out before the mixture (the same folder when off or done already)
     init_uri = initial_model(cfg, storage)
     init_local = _local(storage, init_uri)
     positions = json.loads((Path(init_local) / "config.json").read_text()).get("max_position_embeddings")
