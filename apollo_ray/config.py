@@ -33,7 +33,8 @@ class Section(BaseModel):
 
 # ---------------------------------------------------------------------------------------------------- shared services
 class StorageConfig(Section):
-    root: str = Field("./apollo-runs", validate_default=True, description="fsspec URI every stage writes under: a local path or s3://bucket/prefix")
+    root: str = Field("./apollo-runs", validate_default=True,
+                      description="fsspec URI every stage writes under: a local path or s3://bucket/prefix")
     endpoint_url: str | None = Field(None, description="S3 endpoint (else AWS_ENDPOINT_URL / AWS_ENDPOINT_URL_S3)")
     shard_rows: int = Field(5000, gt=0, description="rows per parquet shard")
 
@@ -431,9 +432,11 @@ class Config(Section):
             e = self.num_experts
             if m.top_k > e:
                 raise _Impossible("moe.top_k", m.top_k, f"greater than the number of experts ({e})")
-            if e % m.ep_size:
+            routed = e - 1 if m.shared_expert == "reference" else e  # the reference's shared expert replaces one
+            if routed % m.ep_size:
                 raise _Impossible("moe.ep_size", m.ep_size,
-                                  f"the {e} experts ({m.experts}) are not divisible by the expert-parallel size")
+                                  f"the {routed} routed experts ({m.experts}) are not divisible by the "
+                                  f"expert-parallel size")
             if self.resources.num_workers % m.ep_size:
                 raise _Impossible("moe.ep_size", m.ep_size,
                                   f"resources.num_workers={self.resources.num_workers} is not a multiple of it")

@@ -5,7 +5,7 @@ Prints: tokens/s of both; the plain loop's fraction of the measured fp32 matmul 
 ratio divided by the analytic FLOP ratio (plan.py); and last the apollo / plain throughput ratio (target ≥ 0.85).
 The model is the tiny architecture widened (hidden 256) so that compute, not Python overhead, dominates, and a step
 holds 2 workers x 8 rows x 2 accumulation x 256 = 8,192 tokens for its ~15 M parameters: 5.5e-4 tokens per parameter
-per step, near Apollo's 0.5B run (128 x 4096 tokens, 1.0e-3), where the per-step costs that do not grow with the
+per step, near Apollo-MoE's 0.5B run (32 x 4096 tokens, 2.6e-4), where the per-step costs that do not grow with the
 batch (the optimizer step, gradient all-reduce, ZeRO's gather) weigh what they weigh in real training.
 Both runs train at Apollo's Post-MoE learning rate (the qwen2 presets' 1e-4; ``--lr`` to change it) with the same
 optimizer groups and schedule. The rate reaches throughput through routing only: at the tiny preset's 3e-3 the

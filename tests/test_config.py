@@ -28,8 +28,8 @@ def test_gpu_presets(preset, base, layers):
     cfg = config_mod.resolve({"preset": preset})
     assert cfg.model.base == base and cfg.model.arch.num_hidden_layers == layers
     assert cfg.resources.use_gpu and cfg.train.precision == "bf16" and cfg.train.seq_len == 4096
-    # Apollo's 128 x 4096 tokens per step
-    assert cfg.resources.num_workers * cfg.train.micro_batch_size * cfg.train.grad_accum == 128
+    # the ApolloMoE training script's 8 GPUs x 2 rows x 2 accumulation = 32 x 4096 tokens per step
+    assert cfg.resources.num_workers * cfg.train.micro_batch_size * cfg.train.grad_accum == 32
 
 
 def test_overrides_win_over_file_and_preset(tmp_path):
