@@ -22,6 +22,10 @@ torch thread per replica, greedy, per-token time = difference of 72- and 8-token
     tiny base + tiny expert / anti-expert    3.0 ms        6.0 ms (2.0× base)          24.6 ms (8.1× base)
     "large" base (369 MFLOP/token) + tiny   90.9 ms       90.7 ms (1.00×)              99.7 ms (1.10×)
 
+Re-measured once the serving decoder batched the trio (2026-12-02, fastest of 3 with other work loading the machine):
+tiny trio 2.36 ms alone, 8.46 ms co-located (3.6×: three tiny forwards, each mostly per-call overhead), 26.7 ms
+composed (11.3×); large base 116.3 ms alone, 105.6 ms co-located (0.91×), 153.8 ms composed (1.32×).
+
 A composed step pays three (concurrent) handle round trips every token, ~19 ms a step here against 6 ms of compute
 for the tiny trio, and ships three full-vocabulary logit vectors (600 KB each at Qwen's 152k vocabulary); it also
 needs each request's KV caches pinned to one replica of each model, which Serve's routing does not provide.
