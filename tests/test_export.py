@@ -3,7 +3,8 @@ never imports apollo_ray (no trust_remote_code) and computes our model's logits.
 
 Variants, each upcycled from the tiny base and then perturbed (so that experts, router and shared expert all differ
 from each other and from zero): top-2 of 12 language experts renormalised (the tiny preset), dense routing (every
-token to all 12 experts), and top-1 unnormalised with a shared expert.
+token to all 12 experts), top-1 unnormalised with our gated shared expert, and the reference's shared expert (the
+dense MLP beside top-1 of 11 routed experts).
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from apollo_ray import config as config_mod
 VARIANTS = {
     "top2": [],
     "dense-routed": ["moe.top_k=12"],
-    "top1-shared-unnormalised": ["moe.top_k=1", "moe.shared_expert=true", "moe.renormalize=false",
+    "top1-shared-unnormalised": ["moe.top_k=1", "moe.shared_expert=gated", "moe.renormalize=false",
                                  "moe.routing=topk"],
+    "reference-shared": ["moe.shared_expert=reference", "moe.routing=topk", "moe.ep_size=1"],  # ApolloMoE's: dense MLP + top-1 of 11
 }
 IDS = [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16], [100, 200, 300, 400, 500, 600, 700, 800, 900, 1000, 1100, 1200]]
 
