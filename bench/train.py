@@ -83,6 +83,9 @@ def plain_tokens_per_s(cfg: config_mod.Config, qa: str, steps: int) -> float:
     # The very weights and rows of the apollo run with this config, found (or built) as trainer.run finds them: the
     # dense and Post-MoE runs' inits and mixtures share models/ and mixture/ (a local root: URIs are paths).
     init = initial_model(cfg, storage)
+    from apollo_ray.data import decontam
+
+    qa = decontam.run(cfg, qa)  # the rows trainer.run trains on are built from the decontaminated items
     rows = dataset.read_rows(storage, dataset.build(cfg, storage, qa, init), "train")
     model = AutoModelForCausalLM.from_pretrained(init)
     model.config.use_cache = False

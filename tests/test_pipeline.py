@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,12 +18,15 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _run(tmp_path: Path) -> subprocess.CompletedProcess:
+def _run(workdir: Path) -> subprocess.CompletedProcess:
+    """The README's main command (`make demo` = `apollo-ray run --config ray_config.yaml`) from a fresh working
+    directory, with the config's own relative root `./apollo-runs`; shorter training only."""
+    shutil.copy(REPO / "ray_config.yaml", workdir / "ray_config.yaml")
     return subprocess.run(
-        [sys.executable, "jobs/pipeline.py", "--config", "ray_config.yaml", "--set", f"storage.root={tmp_path}",
+        [str(Path(sys.executable).parent / "apollo-ray"), "run", "--config", "ray_config.yaml",
          "--set", "train.max_steps=6", "--set", "train.checkpoint_every=6", "--set", "train.eval_every=3"],
-        cwd=REPO, capture_output=True, text=True, timeout=1500,
-        env={k: v for k, v in __import__("os").environ.items() if k != "RAY_ADDRESS"})
+        cwd=workdir, capture_output=True, text=True, timeout=1500,
+        env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
 
 
 def _result(stdout: str) -> dict:
@@ -31,10 +36,26 @@ def _result(stdout: str) -> dict:
 
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pipeline")
-    r = _run(root)
+    workdir = tmp_path_factory.mktemp("pipeline")
+    r = _run(workdir)
     assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-6000:])
-    return root, _result(r.stdout), r
+    return workdir / "apollo-runs", _result(r.stdout), r
+
+
+def test_relative_root_resolves_once_and_the_summary_prints_once(pipeline):
+    root, result, run = pipeline
+    for key in ("corpus", "qa", "decontaminated", "model", "evaluation", "analysis"):
+        assert Path(result[key]).is_absolute() and Path(result[key]).is_relative_to(root.resolve()), result[key]
+    assert list((root / "checkpoints").iterdir())  # Ray Train's storage_path: the same root, not a relative one
+    assert (root / "mlflow.db").is_file()
+    assert run.stdout.count('"corpus":') == 1  # the CLI prints the summary; the pipeline only logs that it finished
+
+
+def test_no_deprecation_warning_from_our_code(pipeline):
+    *_, run = pipeline
+    ours = [line for line in (run.stdout + run.stderr).splitlines()
+            if "Warning" in line and ("apollo_ray/" in line or "past_key_values" in line)]
+    assert not ours, ours
 
 
 def test_every_stage_wrote_its_manifest_and_the_model_loads(pipeline):
@@ -45,7 +66,7 @@ def test_every_stage_wrote_its_manifest_and_the_model_loads(pipeline):
 
     root, result, _ = pipeline
     st = Storage(str(root))
-    for key in ("corpus", "qa", "model", "evaluation", "analysis"):
+    for key in ("corpus", "qa", "decontaminated", "model", "evaluation", "analysis"):
         m = st.verify(result[key])
         assert m.code_version
     corpus = st.read_manifest(result["corpus"])
@@ -117,15 +138,15 @@ def test_mlflow_holds_the_lineage(pipeline):
     children = {r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
     assert {"collect", "rewrite", "train", "evaluate", "analyze"} <= children
     lineage = [v for k, v in parent.data.tags.items() if k.startswith("apollo.lineage.")]
-    assert len(lineage) == 5
+    assert len(lineage) == 6  # collect, rewrite, decontaminate, train, evaluate, analyze
 
 
 def test_rerun_skips_finished_stages(pipeline):
     root, result, _ = pipeline
-    r = _run(root)
+    r = _run(root.parent)
     assert r.returncode == 0, r.stderr[-3000:]
     again = _result(r.stdout)
-    for key in ("corpus", "qa", "model", "evaluation", "analysis"):
+    for key in ("corpus", "qa", "decontaminated", "model", "evaluation", "analysis"):
         assert again[key] == result[key]
     log = r.stdout + r.stderr
     for stage in ("collect", "rewrite", "train", "evaluate", "analyze"):

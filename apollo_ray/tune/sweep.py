@@ -141,6 +141,9 @@ def run(cfg: Config, qa: str | None = None) -> str:
         from apollo_ray.data import rewrite
 
         qa = rewrite.run(cfg)
+    from apollo_ray.data import decontam
+
+    qa = decontam.run(cfg, qa)  # once, here: parallel trials would each build the benchmark index otherwise
     out = cfg.uri("tune", cfg.tune.name)
     tracker = Tracker(cfg)
     base = config_mod.to_dict(cfg)
