@@ -24,7 +24,8 @@ VARIANTS = {
     "dense-routed": ["moe.top_k=12"],
     "top1-shared-unnormalised": ["moe.top_k=1", "moe.shared_expert=gated", "moe.renormalize=false",
                                  "moe.routing=topk"],
-    "reference-shared": ["moe.shared_expert=reference", "moe.routing=topk", "moe.ep_size=1"],  # ApolloMoE's: dense MLP + top-1 of 11
+    # ApolloMoE's shared expert: the dense MLP beside top-1 of 11 routed experts
+    "reference-shared": ["moe.shared_expert=reference", "moe.routing=topk", "moe.ep_size=1"],
 }
 IDS = [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16], [100, 200, 300, 400, 500, 600, 700, 800, 900, 1000, 1100, 1200]]
 

@@ -10,7 +10,6 @@ one batch that eight of them join late; every answer must be the same, token for
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 
 import pytest
 import torch

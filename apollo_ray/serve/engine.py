@@ -23,7 +23,6 @@ from apollo_ray.data.mixture import ASSISTANT_PREFIX, TURN_SEP, USER_PREFIX
 from apollo_ray.evaluation.prompts import encode
 
 
-
 class RequestError(ValueError):
     """A request the model cannot serve as asked; ``param`` names the offending field (OpenAI's error.param)."""
 
@@ -356,9 +355,9 @@ class Decoder:
     A step (1) prefills the generations waiting to join, as one left-padded batch (up to ``max_batch_size`` rows in
     all and ``max_prefill_tokens`` padded prompt tokens per step), and appends them to the batch; (2) picks every
     row's next token from its logits (argmax for greedy rows; the sampled ones in one batched draw, each row with its
-    own settings and its own generator's uniform); (3) lets finished and cancelled rows leave; (4) runs one batched forward of the chosen tokens, whose
-    logits the next step picks from. No request waits for another's whole answer, and a request's tokens do not depend
-    on its batch: each row attends only to its own slots, at its own positions.
+    own settings and its own generator's uniform); (3) lets finished and cancelled rows leave; (4) runs one batched
+    forward of the chosen tokens, whose logits the next step picks from. No request waits for another's whole answer,
+    and a request's tokens do not depend on its batch: each row attends only to its own slots, at its own positions.
 
     The batch cache (``KVCache``) has one row per generation and one slot per column; a row's prompt occupies the
     first slots of its prefill batch and each step appends one slot to every row. ``valid_BS`` marks the slots that
