@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from apollo_ray import config as config_mod
+from apollo_ray.serve.api import MAX_JOB_LIMIT
 from apollo_ray.serve.engine import chat_prompt_ids, completion_prompt_ids
 
 KEY_ENV = "APOLLO_TEST_SERVE_KEY"
@@ -302,16 +303,26 @@ def test_proxy_option_scores_follow_the_formula(http, local):
 @pytest.mark.slow
 @pytest.mark.parametrize("model", ["apollo", "apollo-proxy"])
 def test_eval_job_runs_to_success(http, model):
-    r = http.post("/v1/eval/jobs", json={"benchmark": "apollo-sample", "model": model, "limit": 2})
-    assert r.status_code == 202, r.text
-    job = r.json()
-    assert job["status"] in ("pending", "running")
-    deadline = time.time() + 300
-    while job["status"] in ("pending", "running") and time.time() < deadline:
-        time.sleep(1)
-        job = http.get(f"/v1/eval/jobs/{job['id']}").json()
-    assert job["status"] == "succeeded", job
-    assert job["result"]["n"] > 0 and 0 <= job["result"]["accuracy"] <= 1
+    def finished(limit: int) -> dict:
+        r = http.post("/v1/eval/jobs", json={"benchmark": "apollo-sample", "model": model, "limit": limit})
+        assert r.status_code == 202, r.text
+        job = r.json()
+        assert job["status"] in ("pending", "running")
+        deadline = time.time() + 300
+        while job["status"] in ("pending", "running") and time.time() < deadline:
+            time.sleep(1)
+            job = http.get(f"/v1/eval/jobs/{job['id']}").json()
+        assert job["status"] == "succeeded", job
+        assert job["result"]["n"] > 0 and 0 <= job["result"]["accuracy"] <= 1
+        return job["result"]
+
+    # the config's own limit (2): a checkpoint goes through the evaluation stage, a proxy trio through the app
+    assert finished(2)["backend"] == ("runner" if model == "apollo" else "in-app")
+    # a job's own limit is scored in the app under the config's protocol: no eval/ folder per distinct limit
+    result = finished(1)
+    assert result["backend"] == "in-app" and result["protocol"] == "native" and "folder" not in result
+    too_many = {"benchmark": "apollo-sample", "model": model, "limit": MAX_JOB_LIMIT + 1}
+    assert http.post("/v1/eval/jobs", json=too_many).status_code == 422
     assert http.get("/v1/eval/jobs/evaljob-nope").status_code == 404
     assert http.post("/v1/eval/jobs", json={"benchmark": "nope"}).status_code == 404
 

@@ -138,10 +138,16 @@ class ScoreRequest(_Request):
     shots: int = Field(0, ge=0, le=5, description="solved examples per prompt, drawn from this request's items")
 
 
+MAX_JOB_LIMIT = 10_000  # items per benchmark file an evaluation job may ask for
+
+
 class EvalJobRequest(_Request):
     benchmark: str = Field(description="a name in the config's eval.benchmarks")
     model: str | None = Field(None, description="default: the first model listed by /v1/models")
-    limit: int | None = Field(None, ge=1, description="items per benchmark file (default: eval.limit)")
+    # Bounded, and a job with its own limit is scored in the app, never written to a new eval/ folder: otherwise every
+    # distinct value a client sends would leave a folder behind.
+    limit: int | None = Field(None, ge=1, le=MAX_JOB_LIMIT,
+                              description="items per benchmark file (default: eval.limit)")
 
 
 # ------------------------------------------------------------------------------------------------ response models

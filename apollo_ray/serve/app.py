@@ -370,7 +370,8 @@ class EvalJobs:
             job.status, job.started = "running", time.time()
             try:
                 spec = self.specs[job.model]
-                if spec.proxy is None and importlib.util.find_spec("apollo_ray.evaluation.runner") is not None:
+                runner = importlib.util.find_spec("apollo_ray.evaluation.runner") is not None
+                if spec.proxy is None and runner and job.limit in (None, self.cfg.eval.limit):
                     job.result = await self._with_runner(job, spec)
                 else:
                     job.result = await self._in_app(job, spec)
@@ -405,6 +406,7 @@ class EvalJobs:
         return {"folder": str(folder), "backend": "runner", **summary}
 
     async def _in_app(self, job: _Job, spec: ModelSpec) -> dict[str, Any]:
+        from apollo_ray.evaluation import apollo
         from apollo_ray.evaluation.aggregate import Outcome, aggregate
         from apollo_ray.evaluation.prompts import PromptTooLong, ShotPool, build_prompt
         from apollo_ray.evaluation.scoring import extract_answer
@@ -413,6 +415,7 @@ class EvalJobs:
         cfg = self._job_config(job)
         ev, bench = cfg.eval, cfg.eval.benchmarks[0]
         tokenizer = await asyncio.to_thread(self._tokenizer, spec)
+        reference = ev.protocol == "apollo"  # the reference's prompts, greedy generation and extraction
 
         def prepare() -> tuple[list[Item], list[str], int]:
             storage = Storage.from_config(cfg)
@@ -422,8 +425,13 @@ class EvalJobs:
             kept, prompts = [], []
             for it in items:
                 try:
-                    prompts.append(build_prompt(it, shots, ev.shots, ev.seed, tokenizer,
-                                                max_tokens=min(ev.max_prompt_tokens, spec.max_prompt_tokens)))
+                    if reference:
+                        prompts.append(apollo.build_prompt(it, shots, ev.shots, ev.seed,
+                                                           eos=apollo.eos_text(tokenizer),
+                                                           max_chars=ev.max_prompt_chars))
+                    else:
+                        prompts.append(build_prompt(it, shots, ev.shots, ev.seed, tokenizer,
+                                                    max_tokens=min(ev.max_prompt_tokens, spec.max_prompt_tokens)))
                     kept.append(it)
                 except PromptTooLong:
                     rejects.append(it)
@@ -432,18 +440,21 @@ class EvalJobs:
         items, prompts, n_rejects = await asyncio.to_thread(prepare)
         handle = self.models[job.model]
         predicted: list[str | None] = []
+        extract = apollo.extract_reference if reference else extract_answer
         for start in range(0, len(items), ev.batch_size):
             batch, texts = items[start:start + ev.batch_size], prompts[start:start + ev.batch_size]
-            if ev.scoring == "loglik":
+            if ev.scoring == "loglik" and not reference:
                 scores = await handle.score_prompts.remote(texts, batch)
                 predicted += [s["predicted"] for s in scores]
             else:
                 greedy = Sampling(max_tokens=ev.max_new_tokens, temperature=0.0)
                 answers = await asyncio.gather(*(handle.generate.remote(GenerateRequest(greedy, prompt=t))
                                                  for t in texts))
-                predicted += [extract_answer(a["text"]) for a in answers]
+                predicted += [extract(a["text"]) for a in answers]
         outcomes = [Outcome(it.language, it.source, p in it.answers) for it, p in zip(items, predicted)]
-        return {"backend": "in-app", "scoring": ev.scoring, "rejects": n_rejects, **_summary(aggregate(outcomes))}
+        results = aggregate(outcomes, sources=apollo.language_sources(ev.sources, ev.protocol))
+        return {"backend": "in-app", "protocol": ev.protocol, "scoring": "generate" if reference else ev.scoring,
+                "rejects": n_rejects, **_summary(results)}
 
     def _tokenizer(self, spec: ModelSpec) -> Any:
         if spec.name not in self._tokenizers:
