@@ -4,24 +4,20 @@ recorded as a verdict on the text). Also the validator's rules for text no model
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
 from apollo_ray.data import rewrite as rw
-from apollo_ray.storage import Storage, join
+from apollo_ray.storage import Storage
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fake_openai import FakeOpenAI  # noqa: E402
-from test_rewrite import para, read_items, read_rejects, sample_docs, write_corpus  # noqa: E402
+from test_rewrite import (kill_rewrite_driver_after, para, read_items, read_rejects, sample_docs,  # noqa: E402
+                          write_corpus)
 
-REPO = Path(__file__).resolve().parents[1]
 KINDS = ("500", "503", "429", "timeout", "empty", "no_choices", "truncated", "malformed", "bad_usage", "special")
 
 
@@ -36,25 +32,7 @@ def test_thirty_percent_faults_and_a_driver_kill_end_in_one_final_record_each(ra
         storage = Storage.from_config(cfg)
         corpus = write_corpus(storage, rows)
         out = rw.output_folder(cfg, storage.read_manifest(corpus))
-        parts = Path(join(out, "parts"))
-        script = ("import sys; from apollo_ray import config; from apollo_ray.data import rewrite; "
-                  "rewrite.run(config.resolve({}, sys.argv[2:]), sys.argv[1])")
-        env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
-        proc = subprocess.Popen([sys.executable, "-c", script, corpus, f"storage.root={cfg.storage.root}", *overrides],
-                                cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                start_new_session=True)
-        deadline = time.time() + 300
-        while len(list(parts.glob("*.parquet"))) < 4:
-            assert proc.poll() is None, "the rewrite ended before it could be killed"
-            assert time.time() < deadline, "no part committed within 300 s"
-            time.sleep(0.05)
-        os.killpg(proc.pid, signal.SIGKILL)  # our own driver's process group, nothing else
-        assert proc.wait() == -signal.SIGKILL
-        deadline = time.time() + 120
-        while ray_local.available_resources().get("CPU", 0) < ray_local.cluster_resources()["CPU"]:
-            assert time.time() < deadline, "the killed driver's actor did not go away"
-            time.sleep(0.1)
-        assert not storage.has_manifest(out)
+        parts = kill_rewrite_driver_after(4, ray_local, corpus, cfg.storage.root, overrides)
         assert 0 < len(rw._done_ids(storage, str(parts))) < len(rows)
 
         assert rw.run(cfg, corpus) == out  # the rerun: only what has no final record is asked again

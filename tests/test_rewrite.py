@@ -14,6 +14,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
+from apollo_ray import config as config_mod
 from apollo_ray import languages as langs
 from apollo_ray.config import SAMPLE_DATA
 from apollo_ray.data import rewrite as rw
@@ -218,6 +219,33 @@ def test_openai_faults_counted(ray_local, make_cfg):
 
 
 # ------------------------------------------------------------------------------------ kill and rerun (exactly once)
+def kill_rewrite_driver_after(parts_wanted: int, ray_local, corpus: str, root: str, overrides: list[str]) -> Path:
+    """Run the rewrite stage as a driver process of this test's own Ray, SIGKILL its process group once
+    ``parts_wanted`` parts are committed, and wait until Ray has taken its actor away; returns the parts folder."""
+    cfg = config_mod.resolve({}, [f"storage.root={root}", *overrides])
+    storage = Storage.from_config(cfg)
+    parts = Path(join(rw.output_folder(cfg, storage.read_manifest(corpus)), "parts"))
+    script = ("import sys; from apollo_ray import config; from apollo_ray.data import rewrite; "
+              "rewrite.run(config.resolve({}, sys.argv[2:]), sys.argv[1])")
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+    proc = subprocess.Popen([sys.executable, "-c", script, corpus, f"storage.root={root}", *overrides], cwd=REPO,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while len(list(parts.glob("*.parquet"))) < parts_wanted:
+        assert proc.poll() is None, "the rewrite ended before it could be killed"
+        assert time.time() < deadline, f"fewer than {parts_wanted} parts committed within 300 s"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # our own driver's process group, nothing else
+    assert proc.wait() == -signal.SIGKILL
+    # Ray kills the dead driver's actor; once its CPU share is back it can no longer commit anything.
+    deadline = time.time() + 120
+    while ray_local.available_resources().get("CPU", 0) < ray_local.cluster_resources()["CPU"]:
+        assert time.time() < deadline, "the killed driver's actor did not go away"
+        time.sleep(0.1)
+    assert not storage.has_manifest(str(parts.parent))
+    return parts
+
+
 def test_kill_and_rerun_exactly_once(ray_local, make_cfg, tmp_path):
     texts = [d["text"] for lang in ("en", "es", "fr") for d in sample_docs(lang)]
     rows = [para(f"p{i:03d}", texts[i % len(texts)], ("en", "es", "fr")[(i % len(texts)) // 16]) for i in range(40)]
@@ -228,24 +256,7 @@ def test_kill_and_rerun_exactly_once(ray_local, make_cfg, tmp_path):
         storage = Storage.from_config(cfg)
         corpus = write_corpus(storage, rows)
         out = rw.output_folder(cfg, storage.read_manifest(corpus))
-        parts = Path(join(out, "parts"))
-        script = ("import sys; from apollo_ray import config; from apollo_ray.data import rewrite; "
-                  "rewrite.run(config.resolve({}, sys.argv[2:]), sys.argv[1])")
-        env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
-        proc = subprocess.Popen([sys.executable, "-c", script, corpus, f"storage.root={cfg.storage.root}", *overrides],
-                                cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.time() + 300
-        while len(list(parts.glob("*.parquet"))) < 3:
-            assert proc.poll() is None and time.time() < deadline, "the rewrite ended before it could be killed"
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        # Ray kills the dead driver's actor; once its CPU share is back it can no longer commit anything.
-        deadline = time.time() + 120
-        while ray_local.available_resources().get("CPU", 0) < ray_local.cluster_resources()["CPU"]:
-            assert time.time() < deadline, "the killed job's actor did not go away"
-            time.sleep(0.1)
-        assert not storage.has_manifest(out)
+        parts = kill_rewrite_driver_after(3, ray_local, corpus, cfg.storage.root, overrides)
         committed = rw._done_ids(storage, str(parts))
         assert 0 < len(committed) < len(rows)
         # An overlapping run could commit a paragraph twice; consolidation must keep one record.
