@@ -1,6 +1,7 @@
 """Hygiene bench: decontamination throughput and the benchmark index's memory; PII scrubbing rate; the demo's cost.
 
-Decontamination: the index of the full XMedBench dev split (shared/, 1,114 items) plus the sample benchmark (156) is
+Decontamination: the index of an XMedBench-format benchmark folder (``--xmedbench``; the dev split has 1,114 items)
+plus the sample benchmark (156) is
 built as the stage builds it; its size (what every worker maps from the object store) and build time are printed.
 Then ``decontam.run`` — the stage itself, Ray Data on a local Ray of the machine's CPUs — checks N training items (the
 sample instruct items and corpus paragraphs, repeated under new ids, in shards of storage.shard_rows) and the stage's
@@ -11,7 +12,7 @@ PII: documents per second of ``Scrubber.scrub`` in this process, on dialogues wi
 ``--demo K``: ``apollo-ray run`` on the shipped config (fresh storage root each time, so nothing is skipped), K times
 with hygiene on and K times off, interleaved (on, off, off, on, ...), min / median / max of each and the growth.
 
-    python bench/hygiene.py [--items 20000] [--xmedbench ../shared/data/xmedbench/dev] [--demo 2]
+    python bench/hygiene.py [--items 20000] [--xmedbench DIR_OF_XMEDBENCH_JSON] [--demo 2]
 
 The last line is the decontamination rate (items/s).
 """
@@ -51,7 +52,7 @@ def _qa_folder(storage, cfg, n_items: int) -> str:
     return folder
 
 
-def decontamination(n_items: int, xmedbench: Path) -> float:
+def decontamination(n_items: int, xmedbench: Path | None) -> float:
     from apollo_ray import config as config_mod
     from apollo_ray.config import SAMPLE_DATA
     from apollo_ray.data import decontam
@@ -59,10 +60,10 @@ def decontamination(n_items: int, xmedbench: Path) -> float:
 
     root = tempfile.mkdtemp(prefix="apollo-bench-hygiene-")
     benches = [{"name": "apollo-sample", "path": str(SAMPLE_DATA / "mcq")}]
-    if xmedbench.is_dir():
+    if xmedbench is not None and xmedbench.is_dir():
         benches.append({"name": "xmedbench-dev", "path": str(xmedbench)})
     else:
-        print(f"(no XMedBench dev split at {xmedbench}: the sample benchmark only)")
+        print(f"(no XMedBench folder{f' at {xmedbench}' if xmedbench else ''}: the sample benchmark only)")
     cfg = config_mod.resolve({"eval": {"benchmarks": benches}}, [f"storage.root={root}", "tracking.enabled=false"])
     storage = Storage.from_config(cfg)
     items, _ = decontam.load_benchmark_items(storage, decontam.benchmark_configs(cfg))
@@ -120,7 +121,8 @@ def demo(pairs: int) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--items", type=int, default=20_000)
-    ap.add_argument("--xmedbench", type=Path, default=REPO.parent / "shared" / "data" / "xmedbench" / "dev")
+    ap.add_argument("--xmedbench", type=Path, default=None,
+                    help="a folder of XMedBench-format JSON files (e.g. its dev split); default: the sample only")
     ap.add_argument("--demo", type=int, default=0, help="pairs of demo runs (hygiene on, off), interleaved")
     args = ap.parse_args()
     if args.demo:
